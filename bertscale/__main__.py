@@ -1,0 +1,5 @@
+import sys
+
+from bertscale.cli import main
+
+sys.exit(main())

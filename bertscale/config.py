@@ -1,0 +1,346 @@
+"""Typed configuration for every stage.
+
+One nested model describes a whole pipeline run. YAML files in `configs/` hold overrides only; precedence is
+CLI (`--set a.b=value`) > file > defaults. Unknown keys and invalid values are rejected with a message that names
+the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from bertscale.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base for config sections: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tracking
+# ----------------------------------------------------------------------------------------------------------------
+class TrackingConfig(Section):
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; None = sqlite:///<workdir>/mlflow.db.")
+    experiment: str = Field("bertscale", description="MLflow experiment name.")
+    enabled: bool = Field(True, description="Log params, metrics and artifacts to MLflow.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Corpus
+# ----------------------------------------------------------------------------------------------------------------
+class FilterConfig(Section):
+    """Document filters in the spirit of Gopher/C4. A threshold of None disables that rule."""
+
+    min_chars: int | None = Field(200, ge=0, description="Drop documents shorter than this many characters.")
+    max_chars: int | None = Field(5_000_000, ge=1, description="Drop documents longer than this many characters.")
+    min_words: int | None = Field(30, ge=0, description="Drop documents with fewer words.")
+    min_alpha_ratio: float | None = Field(
+        0.6, ge=0, le=1, description="Min fraction of words containing an alphabetic character (Gopher: 0.8)."
+    )
+    min_mean_word_length: float | None = Field(2.5, ge=0, description="Min mean word length (Gopher: 3).")
+    max_mean_word_length: float | None = Field(12.0, ge=0, description="Max mean word length (Gopher: 10).")
+    min_punct_line_ratio: float | None = Field(
+        None, ge=0, le=1, description="Min fraction of lines ending in terminal punctuation (C4-style)."
+    )
+    max_dup_line_ratio: float | None = Field(
+        0.3, ge=0, le=1, description="Max fraction of lines that repeat an earlier line (Gopher: 0.3)."
+    )
+    max_dup_paragraph_ratio: float | None = Field(
+        0.3, ge=0, le=1, description="Max fraction of paragraphs that repeat an earlier paragraph (Gopher: 0.3)."
+    )
+
+
+class DedupConfig(Section):
+    exact: bool = Field(True, description="Drop exact duplicates (hash of normalized text); the smallest doc id is kept.")
+    near: bool = Field(True, description="Drop near duplicates with MinHash + LSH.")
+    threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity above which two documents are near duplicates.")
+    num_perm: int = Field(128, ge=8, le=1024, description="MinHash permutations.")
+    shingle_size: int = Field(5, ge=1, le=32, description="Word n-gram size of the shingles.")
+    seed: int = Field(1, description="Seed of the MinHash permutations.")
+
+
+class RunnerConfig(Section):
+    runner: str = Field(
+        "DirectRunner",
+        description="Beam runner: DirectRunner (local, multi-processing), DataflowRunner, FlinkRunner, SparkRunner...",
+    )
+    num_workers: int | None = Field(None, ge=1, description="Local worker processes; None = number of cores.")
+    pipeline_options: list[str] = Field(
+        default_factory=list, description="Extra Beam pipeline options, e.g. ['--project=p', '--region=r']."
+    )
+
+
+class CorpusConfig(Section):
+    inputs: list[str] = Field(default_factory=list, description="Paths, directories, globs or Beam URIs (gs://, s3://).")
+    output: str | None = Field(None, description="Output directory; None = <workdir>/corpus.")
+    format: Literal["auto", "txt", "jsonl", "parquet", "wikiextractor"] = Field(
+        "auto", description="Input format; auto = by file extension (and <doc> sniffing for WikiExtractor)."
+    )
+    txt_mode: Literal["file", "blank_line"] = Field(
+        "file", description="Plain text: one document per file, or documents separated by blank lines."
+    )
+    text_field: str = Field("text", description="JSONL field holding the text.")
+    parquet_column: str = Field("text", description="Parquet column holding the text.")
+    normalization: Literal["NFC", "NFKC", "NFD", "NFKD", "none"] = Field("NFC", description="Unicode normal form.")
+    strip_markup: bool = Field(True, description="Remove HTML/wiki markup remnants.")
+    filters: FilterConfig = Field(default_factory=FilterConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    min_sentence_chars: int = Field(1, ge=1, description="Sentences shorter than this are merged into a neighbour.")
+    target_shard_bytes: int = Field(64 * 2**20, ge=1024, description="Approximate text bytes per output shard.")
+    max_doc_bytes: int = Field(
+        64 * 2**20, ge=1024, description="Documents larger than this are quarantined (bounds worker memory)."
+    )
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------------------------
+class TokenizerConfig(Section):
+    output: str | None = Field(None, description="Output directory; None = <workdir>/tokenizer.")
+    pretrained: str | None = Field(None, description="Use an existing HF tokenizer dir instead of training one.")
+    vocab_size: int = Field(30522, ge=16, description="WordPiece vocabulary size (incl. special tokens).")
+    min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a merge.")
+    limit_alphabet: int | None = Field(1000, ge=1, description="Max distinct initial characters kept.")
+    lowercase: bool = Field(True, description="Uncased model (lowercase + accent stripping by default).")
+    strip_accents: bool | None = Field(None, description="None = follow `lowercase` (as BERT does).")
+    handle_chinese_chars: bool = Field(True, description="Split CJK characters into single tokens.")
+    batch_size: int = Field(1000, ge=1, description="Documents per batch while streaming shards to the trainer.")
+    heldout_docs: int = Field(200, ge=0, description="Documents held out for [UNK]-rate and tokens-per-word stats.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pretraining data
+# ----------------------------------------------------------------------------------------------------------------
+class DataConfig(Section):
+    output: str | None = Field(None, description="Output directory; None = <workdir>/pretraining_data.")
+    mode: Literal["nsp", "packed"] = Field("nsp", description="Devlin-style sentence pairs with NSP, or packed sequences.")
+    seq_lengths: list[int] = Field(default_factory=lambda: [128], description="One output per phase, e.g. [128, 512].")
+    short_seq_prob: float = Field(0.1, ge=0, le=1, description="Probability of a shorter target length (NSP mode).")
+    dupe_factor: int = Field(1, ge=1, description="Passes over the corpus with different pairings.")
+    heldout_fraction: float = Field(0.01, ge=0, lt=1, description="Fraction of documents held out for evaluation.")
+    num_proc: int | None = Field(None, ge=1, description="Tokenization processes; None = number of cores.")
+    seed: int = Field(12345, description="Seed of pairing and shuffling.")
+    mask_prob: float = Field(0.15, gt=0, lt=1, description="Fraction of tokens selected for MLM.")
+    whole_word_mask: bool = Field(False, description="Mask all WordPieces of a word together.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------
+class ModelConfig(Section):
+    size: Literal["tiny", "mini", "small", "medium", "base", "large"] = Field("tiny", description="Named size.")
+    vocab_size: int | None = Field(None, ge=16, description="None = the tokenizer's vocabulary size.")
+    hidden_size: int | None = Field(None, ge=8, description="Override the named size's hidden size.")
+    num_hidden_layers: int | None = Field(None, ge=1, description="Override the named size's layer count.")
+    num_attention_heads: int | None = Field(None, ge=1, description="Override the named size's head count.")
+    intermediate_size: int | None = Field(None, ge=8, description="Override the named size's FFN size.")
+    max_position_embeddings: int = Field(512, ge=8, description="Longest sequence the model accepts.")
+    type_vocab_size: int = Field(2, ge=1, description="Token type (segment) vocabulary size.")
+    hidden_dropout_prob: float = Field(0.1, ge=0, lt=1, description="Dropout after embeddings and sublayers.")
+    attention_probs_dropout_prob: float = Field(0.1, ge=0, lt=1, description="Dropout on attention weights.")
+    layer_norm_eps: float = Field(1e-12, gt=0, description="LayerNorm epsilon.")
+    initializer_range: float = Field(0.02, gt=0, description="Std of the normal initialisation.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pretraining
+# ----------------------------------------------------------------------------------------------------------------
+class TrainConfig(Section):
+    output: str | None = Field(None, description="Checkpoint directory; None = <workdir>/pretrain.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="fp16 needs a GPU.")
+    optimizer: Literal["adamw", "lamb"] = Field("adamw", description="LAMB only with ZeRO stage 0.")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not on biases and LayerNorm).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas.")
+    eps: float = Field(1e-6, gt=0, description="Adam epsilon.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps.")
+    decay: Literal["linear", "polynomial", "constant"] = Field("linear", description="Decay after warmup.")
+    poly_power: float = Field(1.0, gt=0, description="Power of the polynomial decay.")
+    micro_batch_size: int = Field(32, ge=1, description="Sequences per rank per micro step.")
+    grad_accum: int = Field(1, ge=1, description="Micro steps per optimizer step.")
+    max_steps: int = Field(1000, ge=1, description="Optimizer steps (over all phases).")
+    phase_steps: list[int] | None = Field(
+        None, description="Steps per sequence-length phase (must sum to max_steps); None = all in the first phase."
+    )
+    max_minutes: float | None = Field(None, gt=0, description="Wall-clock budget; stop (and checkpoint) when reached.")
+    grad_clip: float = Field(1.0, ge=0, description="Max global grad norm; 0 disables clipping.")
+    eval_every: int = Field(200, ge=1, description="Evaluate on the held-out split every N steps.")
+    eval_batches: int = Field(20, ge=1, description="Batches per evaluation.")
+    log_every: int = Field(10, ge=1, description="Log metrics every N steps.")
+    checkpoint_every: int = Field(500, ge=1, description="Checkpoint every N steps.")
+    checkpoint_minutes: float | None = Field(None, gt=0, description="Also checkpoint every N minutes.")
+    keep_checkpoints: int = Field(3, ge=1, description="Keep the last K checkpoints.")
+    max_bad_steps: int = Field(10, ge=1, description="Abort after K consecutive non-finite losses.")
+    peak_tflops: float | None = Field(None, gt=0, description="Peak TFLOP/s per device for MFU; None = per-device default.")
+    seed: int = Field(42, description="Seed of init, masking and data order.")
+    num_procs: int = Field(1, ge=1, description="Processes per node for `bertscale pretrain` (DeepSpeed launcher).")
+    resume: bool = Field(True, description="Resume from the latest checkpoint in `output` if there is one.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fine-tuning
+# ----------------------------------------------------------------------------------------------------------------
+class FinetuneConfig(Section):
+    output: str | None = Field(None, description="Output directory; None = <workdir>/finetune.")
+    glue_dir: str | None = Field(None, description="Directory with GLUE-format task folders (CoLA/, SST-2/...).")
+    tasks: list[str] = Field(default_factory=lambda: ["RTE"], description="GLUE task names, or custom task names.")
+    checkpoint: str | None = Field(None, description="HF dir, DeepSpeed checkpoint dir or models:/name@alias.")
+    seeds: list[int] = Field(default_factory=lambda: [42], description="One run per seed; median reported.")
+    lr: float | None = Field(None, gt=0, description="None = the task's default from the BERT paper.")
+    batch_size: int | None = Field(None, ge=1, description="None = the task's default.")
+    epochs: float | None = Field(None, gt=0, description="None = the task's default.")
+    max_length: int = Field(128, ge=8, description="Max tokens per example.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps with linear warmup.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    precision: Literal["fp32", "bf16"] = Field("bf16", description="Autocast dtype.")
+    max_train_examples: int | None = Field(None, ge=1, description="Truncate training sets (debug runs).")
+    max_eval_examples: int | None = Field(None, ge=1, description="Truncate dev sets (debug runs).")
+    register_models: bool = Field(True, description="Register the best model per task in the MLflow Model Registry.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole run
+# ----------------------------------------------------------------------------------------------------------------
+class PipelineConfig(Section):
+    name: str = Field("bertscale", description="Run name; prefixes registered model names.")
+    workdir: str = Field("runs/default", description="Where every stage writes its output.")
+    seed: int = Field(42, description="Global seed.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+
+    @model_validator(mode="after")
+    def _known_bad_combinations(self) -> "PipelineConfig":
+        t = self.train
+        if t.optimizer == "lamb" and t.zero_stage >= 1:
+            raise ValueError(
+                "train.optimizer=lamb needs train.zero_stage=0: LAMB's per-tensor trust ratios break on ZeRO's "
+                "flattened partitions"
+            )
+        if t.phase_steps is not None:
+            if len(t.phase_steps) != len(self.data.seq_lengths):
+                raise ValueError(
+                    f"train.phase_steps has {len(t.phase_steps)} entries but data.seq_lengths has "
+                    f"{len(self.data.seq_lengths)}: give one step count per sequence-length phase"
+                )
+            if sum(t.phase_steps) != t.max_steps:
+                raise ValueError(f"train.phase_steps sum to {sum(t.phase_steps)}, not train.max_steps={t.max_steps}")
+        if max(self.data.seq_lengths) > self.model.max_position_embeddings:
+            raise ValueError(
+                f"data.seq_lengths {self.data.seq_lengths} exceed model.max_position_embeddings="
+                f"{self.model.max_position_embeddings}"
+            )
+        return self
+
+    def stage_dir(self, stage: str) -> Path:
+        """Output directory of a stage: its `output` field, or <workdir>/<stage>."""
+        section = getattr(self, stage, None)
+        explicit = getattr(section, "output", None) if section is not None else None
+        return Path(explicit) if explicit else Path(self.workdir) / stage
+
+    def tracking_uri(self) -> str:
+        if self.tracking.tracking_uri:
+            return self.tracking.tracking_uri
+        return f"sqlite:///{(Path(self.workdir) / 'mlflow.db').resolve()}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------
+def _format_validation_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if p != "__root__")
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "invalid config: " + "; ".join(parts)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse `a.b.c=value`; the value is read as YAML so numbers, bools and lists keep their type."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.path=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level, not {type(data).__name__}")
+    # `base: other.yaml` chains override files, resolved relative to this one.
+    base = data.pop("base", None)
+    if base:
+        data = _deep_merge(read_yaml(path.parent / base), data)
+    return data
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, extra: dict | None = None
+) -> PipelineConfig:
+    """Defaults, then the YAML file, then `extra` (CLI flags as a nested dict), then `key=value` overrides."""
+    data: dict = read_yaml(path) if path else {}
+    if extra:
+        data = _deep_merge(data, extra)
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {k} is not a section")
+        node[keys[-1]] = value
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e)) from None
+
+
+def dump_config(cfg: PipelineConfig) -> dict:
+    """A plain, JSON/YAML-serialisable dict of the config."""
+    return cfg.model_dump(mode="json")
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`; used for MLflow params."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

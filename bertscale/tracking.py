@@ -1,0 +1,155 @@
+"""All MLflow calls of the project: runs, params, metrics, artifacts and the Model Registry.
+
+The default store is a local SQLite file under the run's workdir, so nothing needs to be running; point
+`tracking.tracking_uri` at an `mlflow server` (HTTP) to share runs across a team.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from bertscale.config import PipelineConfig, dump_config, flatten
+
+log = logging.getLogger(__name__)
+
+# MLflow rejects param values longer than this; longer ones are truncated with a marker.
+_MAX_PARAM_LEN = 6000
+
+
+def _mlflow():
+    # Imported lazily: `import mlflow` costs ~1 s and most CLI paths (--help, errors) never need it.
+    import mlflow
+
+    return mlflow
+
+
+def configure(cfg: PipelineConfig) -> str:
+    """Point MLflow at the configured store and experiment; returns the tracking URI."""
+    mlflow = _mlflow()
+    uri = cfg.tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    # Keep the SQLite store's artifacts beside it rather than in ./mlruns of whatever the cwd is.
+    if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
+        artifact_location = None
+        if uri.startswith("sqlite:///"):
+            artifact_location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+        mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location)
+    mlflow.set_experiment(cfg.tracking.experiment)
+    return uri
+
+
+@contextlib.contextmanager
+def stage_run(
+    cfg: PipelineConfig,
+    stage: str,
+    tags: Mapping[str, str] | None = None,
+    nested: bool | None = None,
+    run_id: str | None = None,
+) -> Iterator[str | None]:
+    """An MLflow run for one stage; yields its run id (None when tracking is disabled).
+
+    Nested under the active run when there is one (the whole-pipeline flow opens a parent run), or under
+    the run named by the `BERTSCALE_PARENT_RUN_ID` environment variable (set by a flow that launches a stage
+    in a subprocess).
+    """
+    if not cfg.tracking.enabled:
+        yield None
+        return
+    mlflow = _mlflow()
+    configure(cfg)
+    all_tags = {"bertscale.stage": stage, **(tags or {})}
+    parent = os.environ.get("BERTSCALE_PARENT_RUN_ID")
+    if parent and mlflow.active_run() is None and run_id is None:
+        all_tags["mlflow.parentRunId"] = parent
+    if nested is None:
+        nested = mlflow.active_run() is not None
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else stage, nested=nested, tags=all_tags) as run:
+        yield run.info.run_id
+
+
+def log_config(cfg: PipelineConfig, section: str | None = None) -> None:
+    """Log the config (or one section of it) as flat params, and the whole config as a YAML artifact."""
+    if not cfg.tracking.enabled:
+        return
+    mlflow = _mlflow()
+    data = dump_config(cfg)
+    params = flatten(data[section], section + ".") if section else flatten(data)
+    params = {k: (str(v)[:_MAX_PARAM_LEN]) for k, v in params.items()}
+    mlflow.log_params(params)
+    mlflow.log_dict(data, "config.yaml")
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    mlflow = _mlflow()
+    if mlflow.active_run() is None:
+        return
+    mlflow.log_params({k: str(v)[:_MAX_PARAM_LEN] for k, v in params.items()})
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Log finite numeric metrics to the active run (no-op without one)."""
+    mlflow = _mlflow()
+    if mlflow.active_run() is None:
+        return
+    clean = {}
+    for k, v in metrics.items():
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(f):
+            # MLflow metric names allow only a limited character set.
+            clean[k.replace(" ", "_").replace("(", "").replace(")", "")] = f
+    if clean:
+        mlflow.log_metrics(clean, step=step)
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    mlflow = _mlflow()
+    if mlflow.active_run() is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+    else:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_json(obj: Any, name: str) -> None:
+    mlflow = _mlflow()
+    if mlflow.active_run() is None:
+        return
+    mlflow.log_dict(json.loads(json.dumps(obj, default=str)), name)
+
+
+def log_text(text: str, name: str) -> None:
+    mlflow = _mlflow()
+    if mlflow.active_run() is None:
+        return
+    mlflow.log_text(text, name)
+
+
+def set_tags(tags: Mapping[str, Any]) -> None:
+    mlflow = _mlflow()
+    if mlflow.active_run() is None:
+        return
+    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def active_run_id() -> str | None:
+    run = _mlflow().active_run()
+    return run.info.run_id if run else None
+
+
+def tmp_artifact_dir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="bertscale-artifact-")
