@@ -80,6 +80,210 @@ def _run_corpus(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# tokenizer
+# ----------------------------------------------------------------------------------------------------------------
+def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tokenizer", help="Train a WordPiece vocabulary on the corpus shards (Hugging Face layout).",
+        description="Stream the corpus stage's parquet shards into HF tokenizers' WordPiece trainer and save "
+        "tokenizer.json, vocab.txt, tokenizer_config.json and special_tokens_map.json.",
+    )
+    _common(p)
+    p.add_argument("--corpus", help="Corpus stage output dir, or parquet/txt files (default: <workdir>/corpus).")
+    p.add_argument("-o", "--output", help="Output directory (config: tokenizer.output).")
+    p.add_argument("--vocab-size", type=int, help="Vocabulary size (config: tokenizer.vocab_size).")
+    p.add_argument("--cased", action="store_true", default=None, help="Keep case and accents.")
+    p.add_argument("--pretrained", help="Use an existing HF tokenizer dir instead of training one.")
+    p.set_defaults(func=_run_tokenizer)
+
+
+def _run_tokenizer(args: argparse.Namespace) -> int:
+    from bertscale.tokenizer import train_tokenizer
+
+    section = _section(
+        output=args.output, vocab_size=args.vocab_size, pretrained=args.pretrained,
+        lowercase=False if args.cased else None,
+    )
+    cfg = _config(args, {"tokenizer": section})
+    print(train_tokenizer(cfg, corpus=args.corpus).summary())
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data
+# ----------------------------------------------------------------------------------------------------------------
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "data", help="Tokenize the corpus and build MLM/NSP pretraining instances (memory-mapped shards).",
+        description="Tokenize corpus shards with datasets, build Devlin-style NSP pairs or packed sequences per "
+        "sequence-length phase, and write memory-mapped shards with a manifest.",
+    )
+    _common(p)
+    p.add_argument("--corpus", help="Corpus stage output dir (default: <workdir>/corpus).")
+    p.add_argument("--tokenizer", help="Tokenizer dir (default: <workdir>/tokenizer).")
+    p.add_argument("-o", "--output", help="Output directory (config: data.output).")
+    p.add_argument("--mode", choices=["nsp", "packed"], help="NSP sentence pairs or packed sequences.")
+    p.add_argument("--seq-lengths", type=int, nargs="+", help="One output per phase, e.g. 128 512.")
+    p.add_argument("--num-proc", type=int, help="Tokenization processes.")
+    p.set_defaults(func=_run_data)
+
+
+def _run_data(args: argparse.Namespace) -> int:
+    from bertscale.data import build_pretraining_data
+
+    section = _section(output=args.output, mode=args.mode, seq_lengths=args.seq_lengths, num_proc=args.num_proc)
+    cfg = _config(args, {"data": section})
+    print(build_pretraining_data(cfg, corpus=args.corpus, tokenizer=args.tokenizer).summary())
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pretrain
+# ----------------------------------------------------------------------------------------------------------------
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pretrain", help="Pretrain BERT (MLM+NSP) with DeepSpeed ZeRO, on one or many processes and nodes.",
+        description="Launch DeepSpeed ranks (gloo on CPU, NCCL on GPU) that train our BERT on the pretraining "
+        "data; checkpoints, exact resume, MLflow metrics, and an HF export at the end.",
+    )
+    _common(p)
+    p.add_argument("--data", help="Pretraining data dir (default: <workdir>/data).")
+    p.add_argument("--tokenizer", help="Tokenizer dir (default: <workdir>/tokenizer).")
+    p.add_argument("-o", "--output", help="Checkpoint/output directory (config: train.output).")
+    p.add_argument("--size", help="Named model size: tiny, mini, small, medium, base, large.")
+    p.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3])
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--num-procs", type=int, help="Processes per node (default: config train.num_procs).")
+    p.add_argument("--launcher", choices=["deepspeed", "torchrun", "none"], default="deepspeed",
+                   help="'none' runs this process as a single rank (or as the rank given by the environment).")
+    p.add_argument("--hostfile", help="DeepSpeed hostfile for multi-node runs (ssh launch).")
+    p.add_argument("--nnodes", type=int, default=1, help="Nodes, for per-node launch without ssh.")
+    p.add_argument("--node-rank", type=int, default=0, help="This node's rank, for per-node launch without ssh.")
+    p.add_argument("--master-addr", default="127.0.0.1", help="Rank 0's address for multi-node runs.")
+    p.add_argument("--master-port", type=int, default=29500, help="Rank 0's port.")
+    p.set_defaults(func=_run_pretrain)
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    model = _section(size=args.size)
+    train = _section(output=args.output, zero_stage=args.zero_stage, max_steps=args.max_steps,
+                     num_procs=args.num_procs)
+    cfg = _config(args, {"model": model, "train": train})
+    if args.launcher == "none":
+        from bertscale.train import pretrain
+
+        result = pretrain(cfg, data=args.data, tokenizer=args.tokenizer)
+        if result is not None:
+            print(result.summary())
+        return 0
+    from bertscale.train.launch import LaunchSpec, launch
+
+    spec = LaunchSpec(
+        launcher=args.launcher, num_procs=cfg.train.num_procs, nnodes=args.nnodes, node_rank=args.node_rank,
+        master_addr=args.master_addr, master_port=args.master_port, hostfile=args.hostfile,
+    )
+    return launch(cfg, spec, config_path=args.config, overrides=args.overrides, data=args.data,
+                  tokenizer=args.tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# finetune
+# ----------------------------------------------------------------------------------------------------------------
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "finetune", help="Fine-tune on GLUE tasks (or your own CSV/TSV/JSONL task) and register the best models.",
+        description="Fine-tune a checkpoint (HF dir, DeepSpeed checkpoint dir or models:/name@alias) on GLUE "
+        "tasks with the official metrics, over several seeds; results table, test predictions, MLflow registry.",
+    )
+    _common(p)
+    p.add_argument("--checkpoint", help="HF-format dir, DeepSpeed checkpoint dir, or models:/name@alias.")
+    p.add_argument("--tokenizer", help="Tokenizer dir if the checkpoint has none.")
+    p.add_argument("--glue-dir", help="Directory with GLUE task folders (CoLA/, SST-2/, ...).")
+    p.add_argument("--tasks", nargs="+", help="Task names, e.g. RTE MRPC STS-B.")
+    p.add_argument("--seeds", type=int, nargs="+", help="One run per seed.")
+    p.add_argument("-o", "--output", help="Output directory (config: finetune.output).")
+    p.set_defaults(func=_run_finetune)
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from bertscale.finetune import run_finetune
+
+    section = _section(checkpoint=args.checkpoint, glue_dir=args.glue_dir, tasks=args.tasks, seeds=args.seeds,
+                       output=args.output)
+    cfg = _config(args, {"finetune": section})
+    print(run_finetune(cfg, tokenizer=args.tokenizer).summary())
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pipeline
+# ----------------------------------------------------------------------------------------------------------------
+def _add_pipeline(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pipeline", help="Run the whole pipeline as one Prefect flow, reusing finished stages.",
+        description="corpus -> tokenizer -> pretraining data -> pretraining -> GLUE fine-tuning -> registry, "
+        "each stage cached on a fingerprint of its inputs, config and code.",
+    )
+    _common(p)
+    p.add_argument("--until", default="finetune", choices=["corpus", "tokenizer", "data", "train", "finetune"],
+                   help="Last stage to run (default: all).")
+    p.set_defaults(func=_run_pipeline)
+
+
+def _run_pipeline(args: argparse.Namespace) -> int:
+    cfg = _config(args, {})  # validate before starting Prefect: a config error is one line, not a failed flow
+    from pipelines.pipeline import pipeline_flow, print_where_to_look
+
+    overrides = list(args.overrides)
+    if args.workdir:
+        overrides.append(f"workdir={args.workdir}")
+    if args.no_tracking:
+        overrides.append("tracking.enabled=false")
+    results = pipeline_flow(config=args.config, overrides=overrides, until=args.until)
+    print_where_to_look(cfg, results)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# submit
+# ----------------------------------------------------------------------------------------------------------------
+def _add_submit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "submit", help="Render and submit a pretraining job: here, to SLURM (sbatch) or to Kubernetes.",
+        description="Render deploy/slurm/pretrain.sbatch or deploy/k8s/pretrain-job.yaml from the config into "
+        "<workdir>/jobs/ and submit it (sbatch / kubectl apply), or run it here with --backend local.",
+    )
+    _common(p)
+    p.add_argument("--backend", choices=["local", "slurm", "k8s"], required=True)
+    p.add_argument("--job-name", default="bertscale-pretrain", help="Job name (a DNS label).")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--procs-per-node", type=int, default=1, help="Ranks per node (one per GPU).")
+    p.add_argument("--gpus-per-node", type=int, default=0)
+    p.add_argument("--cpus-per-task", type=int, default=8)
+    p.add_argument("--partition", help="SLURM partition.")
+    p.add_argument("--time-limit", default="24:00:00", help="SLURM time limit.")
+    p.add_argument("--image", default="bertscale:latest", help="Container image (k8s).")
+    p.add_argument("--pvc", default="bertscale-workdir", help="PersistentVolumeClaim holding the workdir (k8s).")
+    p.add_argument("--template", help="Use this template instead of the one in deploy/.")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="Environment for every rank.")
+    p.add_argument("--dry-run", action="store_true", help="Render only; print the paths.")
+    p.set_defaults(func=_run_submit)
+
+
+def _run_submit(args: argparse.Namespace) -> int:
+    from bertscale.jobs import JobSpec, submit
+
+    env = dict(item.split("=", 1) for item in args.env if "=" in item)
+    spec = JobSpec(
+        job_name=args.job_name, nodes=args.nodes, procs_per_node=args.procs_per_node,
+        gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task, partition=args.partition,
+        time_limit=args.time_limit, image=args.image, pvc=args.pvc, template=args.template, env=env,
+    )
+    print(_json(submit(_config(args, {}), args.backend, spec, dry_run=args.dry_run)))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # config
 # ----------------------------------------------------------------------------------------------------------------
 def _add_config(sub: argparse._SubParsersAction) -> None:
@@ -97,7 +301,9 @@ def _run_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_config, _add_corpus]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_corpus, _add_tokenizer, _add_data, _add_pretrain, _add_finetune, _add_pipeline, _add_submit, _add_config,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

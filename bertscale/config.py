@@ -114,6 +114,7 @@ class TokenizerConfig(Section):
     handle_chinese_chars: bool = Field(True, description="Split CJK characters into single tokens.")
     batch_size: int = Field(1000, ge=1, description="Documents per batch while streaming shards to the trainer.")
     heldout_docs: int = Field(200, ge=0, description="Documents held out for [UNK]-rate and tokens-per-word stats.")
+    text_column: str = Field("text", description="Parquet column holding each document's text.")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -53,14 +52,14 @@ def stage_run(
     cfg: PipelineConfig,
     stage: str,
     tags: Mapping[str, str] | None = None,
-    nested: bool | None = None,
     run_id: str | None = None,
+    parent_run_id: str | None = None,
 ) -> Iterator[str | None]:
     """An MLflow run for one stage; yields its run id (None when tracking is disabled).
 
-    Nested under the active run when there is one (the whole-pipeline flow opens a parent run), or under
-    the run named by the `BERTSCALE_PARENT_RUN_ID` environment variable (set by a flow that launches a stage
-    in a subprocess).
+    With `run_id`, resumes that run (a flow creates it and hands its id to a training subprocess). The run is
+    nested under `parent_run_id`, else under the run named by the `BERTSCALE_PARENT_RUN_ID` environment variable,
+    else under this thread's active run, if any.
     """
     if not cfg.tracking.enabled:
         yield None
@@ -68,13 +67,42 @@ def stage_run(
     mlflow = _mlflow()
     configure(cfg)
     all_tags = {"bertscale.stage": stage, **(tags or {})}
-    parent = os.environ.get("BERTSCALE_PARENT_RUN_ID")
-    if parent and mlflow.active_run() is None and run_id is None:
+    nested = mlflow.active_run() is not None
+    parent = parent_run_id or os.environ.get("BERTSCALE_PARENT_RUN_ID")
+    if parent and not nested and run_id is None:
         all_tags["mlflow.parentRunId"] = parent
-    if nested is None:
-        nested = mlflow.active_run() is not None
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else stage, nested=nested, tags=all_tags) as run:
         yield run.info.run_id
+
+
+def create_run(cfg: PipelineConfig, stage: str, tags: Mapping[str, str] | None = None,
+               parent_run_id: str | None = None) -> str | None:
+    """Create a run without activating it, for a subprocess to log into (see `stage_run(run_id=...)`)."""
+    if not cfg.tracking.enabled:
+        return None
+    configure(cfg)
+    from mlflow.tracking import MlflowClient
+
+    all_tags = {"bertscale.stage": stage, "mlflow.runName": stage, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    exp = _mlflow().get_experiment_by_name(cfg.tracking.experiment)
+    return MlflowClient().create_run(exp.experiment_id, tags=all_tags).info.run_id
+
+
+def end_run(run_id: str | None, status: str = "FINISHED") -> None:
+    if run_id:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient().set_terminated(run_id, status=status)
+
+
+def run_data(run_id: str) -> tuple[dict[str, float], dict[str, str]]:
+    """(latest metrics, tags) of a run: how a flow reads what a training subprocess logged."""
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient().get_run(run_id)
+    return dict(run.data.metrics), dict(run.data.tags)
 
 
 def log_config(cfg: PipelineConfig, section: str | None = None) -> None:
@@ -149,7 +177,3 @@ def set_tags(tags: Mapping[str, Any]) -> None:
 def active_run_id() -> str | None:
     run = _mlflow().active_run()
     return run.info.run_id if run else None
-
-
-def tmp_artifact_dir() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="bertscale-artifact-")

@@ -1,0 +1,1 @@
+"""Prefect flows over the bertscale library: one per stage, and one that chains them all."""

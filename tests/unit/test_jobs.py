@@ -1,0 +1,54 @@
+"""Cluster job rendering: the SLURM script and the Kubernetes manifest are complete and consistent."""
+
+from __future__ import annotations
+
+import yaml
+import pytest
+
+from bertscale.config import load_config
+from bertscale.errors import BertscaleError, ConfigError
+from bertscale.jobs import JobSpec, submit
+
+
+@pytest.fixture()
+def cfg(tmp_path):
+    return load_config(overrides=[f"workdir={tmp_path}", "train.zero_stage=3"])
+
+
+def test_slurm_script(cfg):
+    out = submit(cfg, "slurm", JobSpec(nodes=4, procs_per_node=8, gpus_per_node=8, partition="gpu"), dry_run=True)
+    script = open(out["script"]).read()
+    assert "#SBATCH --nodes=4" in script
+    assert "#SBATCH --ntasks-per-node=8" in script
+    assert "#SBATCH --partition=gpu" in script and "#SBATCH --gpus-per-node=8" in script
+    assert 'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
+    assert "srun --kill-on-bad-exit=1" in script and "-m bertscale.train --config" in script
+    assert "${" not in script  # every placeholder was filled
+    assert load_config(out["config"]).train.zero_stage == 3
+
+
+def test_k8s_manifest(cfg):
+    out = submit(cfg, "k8s", JobSpec(job_name="bert-a", nodes=3, procs_per_node=2, gpus_per_node=2), dry_run=True)
+    docs = list(yaml.safe_load_all(open(out["manifest"])))
+    kinds = [d["kind"] for d in docs]
+    assert kinds == ["Service", "ConfigMap", "Job"]
+    service, configmap, job = docs
+    assert service["spec"]["clusterIP"] == "None"
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 3
+    pod = job["spec"]["template"]["spec"]
+    assert pod["subdomain"] == "bert-a"
+    command = pod["containers"][0]["args"][0]
+    assert "--nnodes=3" in command and "--node_rank=$JOB_COMPLETION_INDEX" in command
+    assert "--master_addr=bert-a-0.bert-a" in command
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    # The ConfigMap carries the whole pipeline config, which validates.
+    assert yaml.safe_load(configmap["data"]["pipeline.yaml"])["train"]["zero_stage"] == 3
+
+
+def test_bad_job_name_and_missing_tool(cfg, monkeypatch):
+    with pytest.raises(ConfigError, match="DNS label"):
+        submit(cfg, "k8s", JobSpec(job_name="Bad_Name"), dry_run=True)
+    monkeypatch.setenv("PATH", "")
+    with pytest.raises(BertscaleError, match="sbatch` not found"):
+        submit(cfg, "slurm", JobSpec())
