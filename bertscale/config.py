@@ -121,7 +121,7 @@ class TokenizerConfig(Section):
 # Pretraining data
 # ----------------------------------------------------------------------------------------------------------------
 class DataConfig(Section):
-    output: str | None = Field(None, description="Output directory; None = <workdir>/pretraining_data.")
+    output: str | None = Field(None, description="Output directory; None = <workdir>/data.")
     mode: Literal["nsp", "packed"] = Field("nsp", description="Devlin-style sentence pairs with NSP, or packed sequences.")
     seq_lengths: list[int] = Field(default_factory=lambda: [128], description="One output per phase, e.g. [128, 512].")
     short_seq_prob: float = Field(0.1, ge=0, le=1, description="Probability of a shorter target length (NSP mode).")
@@ -131,6 +131,9 @@ class DataConfig(Section):
     seed: int = Field(12345, description="Seed of pairing and shuffling.")
     mask_prob: float = Field(0.15, gt=0, lt=1, description="Fraction of tokens selected for MLM.")
     whole_word_mask: bool = Field(False, description="Mask all WordPieces of a word together.")
+    max_unk_fraction: float | None = Field(
+        0.5, ge=0, le=1, description="Skip documents with more [UNK] tokens than this fraction; None keeps all."
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,186 @@
+"""`bertscale doctor`: check a node before a distributed run and say what is wrong.
+
+Checks: library versions (and, across nodes, that they match rank 0's), that rank 0's port can be reached (rank 0
+serves a tiny handshake on the master port; the other nodes connect to it), free disk for the checkpoints the
+config will keep, and the gloo/NCCL environment (interfaces named in *_SOCKET_IFNAME exist, MASTER_ADDR resolves).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import psutil
+
+from bertscale.config import PipelineConfig
+
+Status = Literal["ok", "warn", "fail"]
+
+
+@dataclass
+class Check:
+    name: str
+    status: Status
+    detail: str
+
+
+@dataclass
+class Report:
+    checks: list[Check] = field(default_factory=list)
+
+    def add(self, name: str, status: Status, detail: str) -> None:
+        self.checks.append(Check(name, status, detail))
+
+    @property
+    def ok(self) -> bool:
+        return all(c.status != "fail" for c in self.checks)
+
+    def render(self) -> str:
+        marks = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
+        lines = [f"[{marks[c.status]}] {c.name}: {c.detail}" for c in self.checks]
+        lines.append("all checks passed" if self.ok else "some checks failed: fix the FAIL lines before launching")
+        return "\n".join(lines)
+
+
+def versions() -> dict[str, str]:
+    """What must match across nodes for ranks to interoperate."""
+    import deepspeed
+    import torch
+
+    import bertscale
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "bertscale": bertscale.__version__,
+        "cuda": str(torch.version.cuda),
+    }
+
+
+def checkpoint_bytes(cfg: PipelineConfig, vocab_size: int = 30522) -> int:
+    """Bytes of one checkpoint: fp32 weights + two Adam moments (+ bf16/fp16 copy), all ranks together."""
+    from bertscale.model import BertConfig, config_from_pipeline
+
+    config: BertConfig = config_from_pipeline(cfg, vocab_size)
+    h, layers, inter, vocab = config.hidden_size, config.num_hidden_layers, config.intermediate_size, vocab_size
+    params = vocab * h + config.max_position_embeddings * h + layers * (4 * h * h + 2 * h * inter) + h * h
+    per_param = 4 * 3 + (2 if cfg.train.precision != "fp32" else 0)
+    return params * per_param
+
+
+def check_disk(report: Report, cfg: PipelineConfig) -> None:
+    out = cfg.stage_dir("train")
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    need = checkpoint_bytes(cfg) * (cfg.train.keep_checkpoints + 1)
+    status: Status = "ok" if free > need else "fail"
+    report.add("checkpoint disk", status,
+               f"{free / 2**30:.1f} GiB free at {probe}, {need / 2**30:.2f} GiB needed for "
+               f"{cfg.train.keep_checkpoints}+1 checkpoints")
+    if status == "ok" and not os.access(probe, os.W_OK):
+        report.add("checkpoint disk", "fail", f"{probe} is not writable")
+
+
+def check_env(report: Report, master_addr: str | None) -> None:
+    interfaces = set(psutil.net_if_addrs())
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        value = os.environ.get(var)
+        if value:
+            names = [n.lstrip("^=") for n in value.split(",")]
+            missing = [n for n in names if n and not value.startswith("^") and n not in interfaces]
+            report.add(var, "fail" if missing else "ok",
+                       f"interface(s) {missing} not on this host (have {sorted(interfaces)})" if missing
+                       else f"{value}")
+    if master_addr:
+        try:
+            resolved = socket.gethostbyname(master_addr)
+            report.add("MASTER_ADDR", "ok", f"{master_addr} -> {resolved}")
+        except OSError as e:
+            report.add("MASTER_ADDR", "fail", f"{master_addr} does not resolve: {e}")
+    world, rank = os.environ.get("WORLD_SIZE"), os.environ.get("RANK")
+    if world and rank and not (0 <= int(rank) < int(world)):
+        report.add("RANK/WORLD_SIZE", "fail", f"RANK={rank} is outside WORLD_SIZE={world}")
+
+
+def serve_handshake(port: int, peers: int, timeout: float, host: str = "0.0.0.0") -> list[dict]:
+    """On rank 0's node: answer `peers` handshakes with our versions; returns what the peers sent."""
+    seen: list[dict] = []
+    with socket.create_server((host, port), reuse_port=False) as server:
+        server.settimeout(timeout)
+        deadline = time.time() + timeout
+        while len(seen) < peers and time.time() < deadline:
+            try:
+                conn, addr = server.accept()
+            except TimeoutError:
+                break
+            with conn:
+                peer = json.loads(conn.makefile().readline() or "{}")
+                conn.sendall((json.dumps(versions()) + "\n").encode())
+                seen.append({"addr": addr[0], **peer})
+    return seen
+
+
+def handshake(master_addr: str, port: int, timeout: float) -> dict:
+    """On the other nodes: connect to rank 0's handshake, send our versions, get rank 0's."""
+    with socket.create_connection((master_addr, port), timeout=timeout) as conn:
+        conn.sendall((json.dumps(versions()) + "\n").encode())
+        return json.loads(conn.makefile().readline())
+
+
+def check_master(report: Report, master_addr: str, port: int, timeout: float) -> None:
+    try:
+        theirs = handshake(master_addr, port, timeout)
+    except OSError as e:
+        report.add("master port", "fail",
+                   f"cannot reach {master_addr}:{port} ({e}); is `bertscale doctor --serve` running on rank 0's "
+                   "node, and is the port open in the firewall?")
+        return
+    report.add("master port", "ok", f"{master_addr}:{port} reachable")
+    ours = versions()
+    diff = {k: (ours[k], theirs.get(k)) for k in ours if theirs.get(k) != ours[k]}
+    report.add("versions match rank 0", "fail" if diff else "ok",
+               ", ".join(f"{k}: here {a}, rank 0 {b}" for k, (a, b) in diff.items()) or "identical")
+
+
+def run_doctor(cfg: PipelineConfig, master_addr: str | None = None, port: int = 29500,
+               timeout: float = 10.0) -> Report:
+    report = Report()
+    v = versions()
+    report.add("versions", "ok", ", ".join(f"{k} {val}" for k, val in v.items()))
+    report.add("python executable", "ok", sys.executable)
+    check_disk(report, cfg)
+    check_env(report, master_addr)
+    if master_addr:
+        check_master(report, master_addr, port, timeout)
+    return report
+
+
+def serve(port: int, peers: int, timeout: float) -> Report:
+    report = Report()
+    try:
+        seen = serve_handshake(port, peers, timeout)
+    except OSError as e:
+        report.add("master port", "fail", f"cannot listen on port {port}: {e} (in use, or not permitted)")
+        return report
+    ours = versions()
+    report.add("peers", "ok" if len(seen) == peers else "fail", f"{len(seen)} of {peers} peers reached port {port}")
+    for peer in seen:
+        diff = [k for k in ours if peer.get(k) != ours[k]]
+        report.add(f"peer {peer['addr']}", "fail" if diff else "ok",
+                   f"versions differ: {diff}" if diff else "versions identical")
+    return report
+
+
+def write_json(report: Report, path: Path) -> None:
+    path.write_text(json.dumps([c.__dict__ for c in report.checks], indent=2))
