@@ -185,10 +185,32 @@ def _random_b(
     return int(docs.sent_offsets[start]), int(ends[stop]), other
 
 
+class _NSPBalance:
+    """Keeps the random-next ratio near 50%.
+
+    The reference algorithm forces a random B whenever a chunk holds a single sentence, which on short documents
+    (most Wikipedia articles, paragraph documents) pushes the ratio to ~60%. Chunks that have a choice lean
+    towards "is next" while the random share is above half, so the label stays balanced overall.
+    """
+
+    def __init__(self) -> None:
+        self.random = 0
+        self.total = 0
+
+    def choose_random(self, forced: bool, rng: np.random.Generator) -> bool:
+        p = 0.5 if 2 * self.random <= self.total else 0.2
+        is_random = forced or bool(rng.random() < p)
+        self.random += is_random
+        self.total += 1
+        return is_random
+
+
 def nsp_instances_from_document(
-    docs: TokenizedDocs, doc_index: int, max_seq_length: int, short_seq_prob: float, rng: np.random.Generator
+    docs: TokenizedDocs, doc_index: int, max_seq_length: int, short_seq_prob: float, rng: np.random.Generator,
+    balance: _NSPBalance | None = None,
 ) -> list[tuple[int, int, int, int, int, int, int]]:
     """Devlin et al. sentence-pair instances of one document, as rows for `Instances.from_rows`."""
+    balance = balance or _NSPBalance()
     if docs.num_docs < 2:
         raise ValueError("NSP instances need at least two documents (B must come from another document)")
     max_num_tokens = max_seq_length - 3  # [CLS] A [SEP] B [SEP]
@@ -202,7 +224,7 @@ def nsp_instances_from_document(
             n_chunk = i + 1 - chunk_start
             a_end_sent = chunk_start + (int(rng.integers(1, n_chunk)) if n_chunk >= 2 else 1)
             a = (int(offs[chunk_start]), int(offs[a_end_sent]))
-            if n_chunk == 1 or rng.random() < 0.5:
+            if balance.choose_random(n_chunk == 1, rng):
                 b0, b1, doc_b = _random_b(docs, doc_index, target - (a[1] - a[0]), rng)
                 label = 1
                 i = a_end_sent - 1  # put the unused sentences back for the next instance
@@ -223,9 +245,10 @@ def create_nsp_instances(
     if max_seq_length < 5:
         raise ValueError(f"max_seq_length must be >= 5 for [CLS] A [SEP] B [SEP], got {max_seq_length}")
     rows: list[tuple[int, int, int, int, int, int, int]] = []
+    balance = _NSPBalance()
     for _ in range(dupe_factor):
         for d in range(docs.num_docs):
-            rows.extend(nsp_instances_from_document(docs, d, max_seq_length, short_seq_prob, rng))
+            rows.extend(nsp_instances_from_document(docs, d, max_seq_length, short_seq_prob, rng, balance))
     return Instances.from_rows(rows)
 
 

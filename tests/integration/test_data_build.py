@@ -127,7 +127,7 @@ def test_instances_fit_and_carry_cls_sep_and_token_types(nsp_build, seq_len):
         assert types[: first_sep + 1].sum() == 0 and types[first_sep + 1 :].all()
         labels.append(x["next_sentence_label"])
     assert set(labels) == {0, 1}
-    assert 0.4 < np.mean(labels) < 0.7  # short paragraph documents push it a little over one half
+    assert 0.45 < np.mean(labels) < 0.55, np.mean(labels)
     assert ds.lengths.max() <= seq_len
 
 
@@ -237,7 +237,7 @@ def test_shared_wikipedia_extract(wikipedia_corpus, tmp_path):
     assert s["skipped_empty"] > 0
     assert s["documents"] + s["skipped_empty"] + s["skipped_unk"] == s["documents_input"]
     assert s["seq128.train.instances"] > 1000
-    assert 0.45 < s["seq128.train.nsp_random_ratio"] < 0.7
+    assert 0.45 < s["seq128.train.nsp_random_ratio"] < 0.55, s["seq128.train.nsp_random_ratio"]
     ds = PretrainingDataset(result.output_dir, 128)
     assert ds.lengths.max() <= 128
 

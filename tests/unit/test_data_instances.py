@@ -87,7 +87,7 @@ def test_nsp_random_next_is_about_half_and_never_the_same_document():
     inst = create_nsp_instances(docs, 128, 0.1, 1, np.random.default_rng(7))
     owner = doc_of_token(docs)
     rand = inst.nsp_label == 1
-    assert 0.45 < rand.mean() < 0.6, rand.mean()
+    assert 0.46 < rand.mean() < 0.54, rand.mean()
     assert (inst.doc_b[rand] != inst.doc_a[rand]).all()
     # Tokens tell where they came from: random B really lies in another document, actual B in A's document.
     assert (owner[inst.b_start[rand]] != owner[inst.a_start[rand]]).all()
