@@ -97,6 +97,18 @@ class CorpusConfig(Section):
     max_doc_bytes: int = Field(
         64 * 2**20, ge=1024, description="Documents larger than this are quarantined (bounds worker memory)."
     )
+    max_invalid_utf8_ratio: float = Field(
+        0.01, ge=0, le=1,
+        description="Documents with more invalid UTF-8 bytes than this fraction are quarantined; below it the "
+        "invalid bytes are dropped and counted.",
+    )
+    bundle_bytes: int = Field(
+        4 * 2**20, ge=1024, description="Uncompressed line-based files are split into byte ranges of this size."
+    )
+    work_dir: str | None = Field(
+        None, description="Intermediate files written by the workers (a URI every worker can reach on a cluster, "
+        "e.g. gs://bucket/tmp); None = <output>/_work, removed after a successful run.",
+    )
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
 
 
