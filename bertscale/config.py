@@ -170,8 +170,12 @@ class ModelConfig(Section):
 # Pretraining
 # ----------------------------------------------------------------------------------------------------------------
 class TrainConfig(Section):
-    output: str | None = Field(None, description="Checkpoint directory; None = <workdir>/pretrain.")
+    output: str | None = Field(None, description="Output directory (checkpoints, metrics, hf/); None = <workdir>/train.")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    ds_config: str | None = Field(
+        None, description="Base DeepSpeed JSON config; None = configs/deepspeed/zero<stage>.json. Batch size, "
+        "accumulation, clipping and precision always come from this section."
+    )
     precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="fp16 needs a GPU.")
     optimizer: Literal["adamw", "lamb"] = Field("adamw", description="LAMB only with ZeRO stage 0.")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate.")

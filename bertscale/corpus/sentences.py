@@ -1,0 +1,100 @@
+"""Rule-based sentence segmentation for next-sentence prediction (no model, no extra dependency).
+
+Boundaries are terminal punctuation (. ! ? and ellipses), optionally followed by closing quotes or brackets, then
+whitespace. A boundary is rejected after a known abbreviation ("Dr.", "e.g."), after a single-letter initial
+("J. R. R. Tolkien"), and before a lowercase continuation ("approx. five", "wait... and"). Decimals never match
+because a boundary needs whitespace after the punctuation. Blank lines are paragraph boundaries; a single line
+break is a boundary only after terminal punctuation, so hard-wrapped text (Project Gutenberg) is re-joined while
+one-paragraph-per-line text (Wikipedia) keeps its paragraphs apart.
+"""
+
+from __future__ import annotations
+
+import re
+
+ABBREVIATIONS: frozenset[str] = frozenset(
+    """
+    mr mrs ms mx dr prof sr jr st mt ft rev hon gov sen rep pres gen col lt maj capt cmdr sgt adm supt insp
+    messrs mme mlle esq vs v etc cf al fig figs eq eqs no nos vol vols pp p ed eds trans inc ltd co corp bros dept
+    univ assn est approx ca c cir jan feb mar apr jun jul aug sep sept oct nov dec mon tue wed thu fri sat sun
+    e.g i.e a.m p.m u.s u.k u.n ph.d b.a m.a b.c a.d b.c.e c.e viz ibid op art sec ch chap ave blvd rd
+    """.split()
+)
+
+_BOUNDARY = re.compile(r"(?:[.!?\u2026]+)[\"'\u201d\u2019)\]]*\s+")
+_ACRONYM = re.compile(r"(?:[a-z]\.)+[a-z]")
+_HARD_LINE_END = re.compile(r"[.!?\u2026:][\"'\u201d\u2019)\]]*$")
+
+
+def _is_boundary(block: str, match: re.Match[str]) -> bool:
+    """Decide whether a punctuation+space match ends a sentence."""
+    end = match.end()
+    if end >= len(block):
+        return False
+    if block[end].islower():
+        return False
+    punct_at = match.start()
+    if block[punct_at] != ".":
+        return True
+    if punct_at + 1 < len(block) and block[punct_at + 1] == ".":
+        return True  # an ellipsis followed by an uppercase start
+    word = block[block.rfind(" ", 0, punct_at) + 1:punct_at].lstrip("\"'(\u201c\u2018[").lower()
+    if not word:
+        return True
+    if word in ABBREVIATIONS:
+        return False
+    # Single-letter initials ("J. Smith") and dotted acronyms ("U.S.A. Today") keep going.
+    return not (len(word) == 1 and word.isalpha()) and not _ACRONYM.fullmatch(word)
+
+
+def split_block(block: str) -> list[str]:
+    """Sentences of one block of text without line breaks."""
+    sentences, start = [], 0
+    for match in _BOUNDARY.finditer(block):
+        if _is_boundary(block, match):
+            sentence = block[start:match.end()].strip()
+            if sentence:
+                sentences.append(sentence)
+            start = match.end()
+    tail = block[start:].strip()
+    if tail:
+        sentences.append(tail)
+    return sentences
+
+
+def _blocks(paragraph: str) -> list[str]:
+    """Re-join hard-wrapped lines; a line ending in terminal punctuation (or a colon) closes its block."""
+    blocks, current = [], []
+    for line in paragraph.split("\n"):
+        line = line.strip()
+        if not line:
+            continue
+        current.append(line)
+        if _HARD_LINE_END.search(line):
+            blocks.append(" ".join(current))
+            current = []
+    if current:
+        blocks.append(" ".join(current))
+    return blocks
+
+
+def _merge_short(sentences: list[str], min_chars: int) -> list[str]:
+    """Merge sentences shorter than `min_chars` into the previous one (or the next one when first)."""
+    if min_chars <= 1:
+        return sentences
+    merged: list[str] = []
+    for sentence in sentences:
+        if merged and (len(sentence) < min_chars or len(merged[-1]) < min_chars):
+            merged[-1] = f"{merged[-1]} {sentence}"
+        else:
+            merged.append(sentence)
+    return merged
+
+
+def split_sentences(text: str, min_chars: int = 1) -> list[str]:
+    """Split a cleaned document into sentences; paragraphs and sentences keep their order."""
+    sentences: list[str] = []
+    for paragraph in text.split("\n\n"):
+        for block in _blocks(paragraph):
+            sentences.extend(split_block(block))
+    return _merge_short(sentences, min_chars)
