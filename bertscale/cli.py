@@ -284,6 +284,39 @@ def _run_submit(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# models
+# ----------------------------------------------------------------------------------------------------------------
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "models", help="The MLflow Model Registry: list models, show versions, resolve models:/name@alias.",
+        description="Uses the configured tracking store (tracking.tracking_uri; default the workdir's SQLite file).",
+    )
+    _common(p)
+    p.add_argument("action", choices=["list", "show", "resolve"])
+    p.add_argument("name", nargs="?", help="show: a model name; resolve: name@alias, name/version or models:/...")
+    p.add_argument("--dst", help="resolve: download into this directory.")
+    p.set_defaults(func=_run_models)
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from bertscale import tracking
+
+    cfg = _config(args, {})
+    tracking.configure(cfg)
+    if args.action == "list":
+        print(_json(tracking.list_models()))
+        return 0
+    if not args.name:
+        raise BertscaleError(f"`bertscale models {args.action}` needs a model name")
+    if args.action == "show":
+        print(_json(tracking.show_model(args.name)))
+        return 0
+    uri = args.name if args.name.startswith("models:/") else f"models:/{args.name}"
+    print(tracking.resolve_model_uri(uri, dst=args.dst))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # config
 # ----------------------------------------------------------------------------------------------------------------
 def _add_config(sub: argparse._SubParsersAction) -> None:
@@ -302,7 +335,7 @@ def _run_config(args: argparse.Namespace) -> int:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_corpus, _add_tokenizer, _add_data, _add_pretrain, _add_finetune, _add_pipeline, _add_submit, _add_config,
+    _add_corpus, _add_tokenizer, _add_data, _add_pretrain, _add_finetune, _add_pipeline, _add_models, _add_submit, _add_config,
 ]
 
 

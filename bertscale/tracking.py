@@ -12,6 +12,7 @@ import logging
 import math
 import os
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -177,3 +178,146 @@ def set_tags(tags: Mapping[str, Any]) -> None:
 def active_run_id() -> str | None:
     run = _mlflow().active_run()
     return run.info.run_id if run else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model Registry
+# ----------------------------------------------------------------------------------------------------------------
+SCORE_TAG = "bertscale.score"
+
+
+def _client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient()
+
+
+def register_model(
+    model_dir: str | Path, name: str, score: float | None = None, tags: Mapping[str, Any] | None = None,
+    artifact_path: str = "model",
+) -> str:
+    """Log an HF-format model dir to the active run and register it as a new version of `name`.
+
+    The version's source is the run's artifact folder, so `resolve_model_uri` can download it from any client of
+    the same tracking server. `score` is stored as a version tag for the promotion gate. Returns the version.
+    """
+    mlflow = _mlflow()
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("register_model needs an active MLflow run")
+    mlflow.log_artifacts(str(model_dir), artifact_path=artifact_path)
+    client = _client()
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, tags={"bertscale": "true"})
+    all_tags = {k: str(v) for k, v in (tags or {}).items()}
+    if score is not None:
+        all_tags[SCORE_TAG] = repr(float(score))
+    source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
+    version = client.create_model_version(name=name, source=source, run_id=run.info.run_id, tags=all_tags)
+    return str(version.version)
+
+
+@dataclass
+class Promotion:
+    """What the promotion gate decided for one new model version."""
+
+    name: str
+    version: str
+    score: float | None
+    champion_version: str | None
+    champion_score: float | None
+    promoted: bool
+    reason: str
+
+
+def promote(name: str, version: str, margin: float = 0.0, higher_is_better: bool = True) -> Promotion:
+    """Make `version` the `challenger`, and the `champion` only if its score beats the champion's by `margin`."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    new = client.get_model_version(name, version)
+    score = float(new.tags[SCORE_TAG]) if SCORE_TAG in new.tags else None
+    client.set_registered_model_alias(name, "challenger", version)
+    try:
+        champ = client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        champ = None
+    champ_score = float(champ.tags[SCORE_TAG]) if champ is not None and SCORE_TAG in champ.tags else None
+    if champ is None:
+        promoted, reason = True, "no champion yet"
+    elif str(champ.version) == str(version):
+        promoted, reason = True, "already champion"
+    elif score is None:
+        promoted, reason = False, "the new version has no score"
+    elif champ_score is None:
+        promoted, reason = True, "the champion has no score"
+    else:
+        gain = (score - champ_score) if higher_is_better else (champ_score - score)
+        promoted = gain > margin
+        reason = f"score {score:.4f} vs champion {champ_score:.4f} (margin {margin})"
+    if promoted:
+        client.set_registered_model_alias(name, "champion", version)
+    client.set_model_version_tag(name, version, "bertscale.promotion", ("promoted: " if promoted else "kept: ") + reason)
+    return Promotion(name, str(version), score, str(champ.version) if champ else None, champ_score, promoted, reason)
+
+
+def resolve_model_uri(uri: str, dst: str | Path | None = None) -> Path:
+    """Download the model behind `models:/name@alias` or `models:/name/version` and return its local dir."""
+    from mlflow.exceptions import MlflowException
+
+    from bertscale.errors import BertscaleError
+
+    if not uri.startswith("models:/"):
+        raise BertscaleError(f"{uri!r} is not a registry URI (models:/name@alias or models:/name/version)")
+    ref = uri.removeprefix("models:/")
+    client = _client()
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        elif "/" in ref:
+            name, number = ref.split("/", 1)
+            version = client.get_model_version(name, number)
+        else:
+            raise BertscaleError(f"{uri!r}: give an alias or a version, e.g. models:/{ref}@champion")
+    except MlflowException as e:
+        raise BertscaleError(f"{uri} not found in the registry at {_mlflow().get_tracking_uri()}: "
+                             f"{e.message.splitlines()[0]}") from None
+    from mlflow.artifacts import download_artifacts
+
+    local = download_artifacts(artifact_uri=version.source, dst_path=str(dst) if dst else None)
+    return Path(local)
+
+
+def list_models() -> list[dict[str, Any]]:
+    """Registered models with their aliases and latest version."""
+    out = []
+    for m in _client().search_registered_models():
+        out.append({"name": m.name, "aliases": {a: str(v) for a, v in (m.aliases or {}).items()},
+                    "latest": max((int(v.version) for v in m.latest_versions), default=None),
+                    "description": m.description or ""})
+    return out
+
+
+def show_model(name: str) -> dict[str, Any]:
+    """Every version of a registered model: aliases, score, source run, tags."""
+    from mlflow.exceptions import MlflowException
+
+    from bertscale.errors import BertscaleError
+
+    client = _client()
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        raise BertscaleError(f"no registered model named {name!r}; see `bertscale models list`") from None
+    by_version: dict[str, list[str]] = {}
+    for alias, v in (model.aliases or {}).items():
+        by_version.setdefault(str(v), []).append(alias)
+    versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+    return {"name": name, "versions": [
+        {"version": str(v.version), "aliases": sorted(by_version.get(str(v.version), [])), "run_id": v.run_id,
+         "score": v.tags.get(SCORE_TAG), "tags": dict(v.tags), "source": v.source} for v in versions]}
