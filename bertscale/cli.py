@@ -317,6 +317,35 @@ def _run_models(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# doctor
+# ----------------------------------------------------------------------------------------------------------------
+def _add_doctor(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "doctor", help="Check a node before a distributed run (versions, master port, disk, gloo/NCCL env).",
+        description="On rank 0's node run `bertscale doctor --serve --peers N` first; on every other node run "
+        "`bertscale doctor --master-addr HOST`: each checks it can reach rank 0's port and that versions match.",
+    )
+    _common(p)
+    p.add_argument("--master-addr", help="Rank 0's address: check it resolves, is reachable, and versions match.")
+    p.add_argument("--master-port", type=int, default=29500)
+    p.add_argument("--serve", action="store_true", help="Rank 0's node: answer the other nodes' handshakes.")
+    p.add_argument("--peers", type=int, default=1, help="With --serve: how many nodes to wait for.")
+    p.add_argument("--timeout", type=float, default=30.0, help="Seconds to wait for the handshake.")
+    p.set_defaults(func=_run_doctor)
+
+
+def _run_doctor(args: argparse.Namespace) -> int:
+    from bertscale import doctor
+
+    if args.serve:
+        report = doctor.serve(args.master_port, args.peers, args.timeout)
+    else:
+        report = doctor.run_doctor(_config(args, {}), args.master_addr, args.master_port, args.timeout)
+    print(report.render())
+    return 0 if report.ok else 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # config
 # ----------------------------------------------------------------------------------------------------------------
 def _add_config(sub: argparse._SubParsersAction) -> None:
@@ -335,7 +364,7 @@ def _run_config(args: argparse.Namespace) -> int:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_corpus, _add_tokenizer, _add_data, _add_pretrain, _add_finetune, _add_pipeline, _add_models, _add_submit, _add_config,
+    _add_corpus, _add_tokenizer, _add_data, _add_pretrain, _add_finetune, _add_pipeline, _add_models, _add_submit, _add_doctor, _add_config,
 ]
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from bertscale.cli import build_parser, main
 
-SUBCOMMANDS = ["corpus", "tokenizer", "data", "pretrain", "finetune", "pipeline", "models", "submit", "config"]
+SUBCOMMANDS = ["corpus", "tokenizer", "data", "pretrain", "finetune", "pipeline", "models", "submit", "doctor", "config"]
 
 
 @pytest.mark.parametrize("command", [[], *([c] for c in SUBCOMMANDS)])
