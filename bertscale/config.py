@@ -228,6 +228,15 @@ class FinetuneConfig(Section):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Model Registry
+# ----------------------------------------------------------------------------------------------------------------
+class RegistryConfig(Section):
+    register_encoder: bool = Field(True, description="Register the pretrained encoder as <name>-encoder.")
+    margin: float = Field(0.0, ge=0, description="A challenger becomes champion only if it beats the champion by more.")
+    higher_is_better: bool = Field(True, description="Direction of the fine-tuned models' task score.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The whole run
 # ----------------------------------------------------------------------------------------------------------------
 class PipelineConfig(Section):
@@ -241,6 +250,7 @@ class PipelineConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
     @model_validator(mode="after")
     def _known_bad_combinations(self) -> "PipelineConfig":
