@@ -1,0 +1,80 @@
+"""Model FLOPs for MFU (model FLOPs utilisation), and the peak FLOP/s to divide them by.
+
+FLOPs count the work a padding-free implementation must do (the same count is used for any implementation, so
+MFU compares useful work): a multiply-add is 2 FLOPs, and a training step is 3x the forward pass (backward =
+2x forward, as in the PaLM/Chinchilla accounting). Per layer and real token, with hidden H and FFN size I:
+
+- projections Q, K, V, O and the FFN: 2 * (4 H^2 + 2 H I)
+- attention scores and the weighted sum: 2 * 2 * H per (query, key) pair of the same sequence, i.e.
+  4 H * len for each token of a sequence of length len;
+
+plus the MLM head at masked tokens only, 2 * (H^2 + H V) each (transform + tied decoder), and the pooler + NSP
+head per sequence, 2 * (H^2 + 2 H). Embedding lookups, LayerNorm, softmax and the optimizer are not counted.
+
+The peak is the device's dense bf16/fp16 tensor-core figure on known GPUs and a measured matmul rate on CPU
+(`measure_peak_flops`): CPUs differ too much (AVX-512 bf16 or not, AMX or not, core count) for a table.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from bertscale.model.bert import BertConfig
+
+# Dense (no sparsity) peak FLOP/s per GPU for bf16/fp16 tensor cores; fp32 uses the TF32 figure.
+GPU_PEAK_FLOPS = {
+    "A100": {"bf16": 312e12, "fp32": 156e12},
+    "H100": {"bf16": 989e12, "fp32": 494e12},
+    "H200": {"bf16": 989e12, "fp32": 494e12},
+}
+
+
+def forward_flops(config: BertConfig, lengths: Sequence[int], num_masked: int) -> float:
+    """Forward FLOPs of a batch of sequences with the given real lengths and `num_masked` MLM positions."""
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    tokens = sum(lengths)
+    pairs = sum(n * n for n in lengths)
+    per_layer = 2 * (4 * h * h + 2 * h * i) * tokens + 4 * h * pairs
+    heads = 2 * (h * h + h * v) * num_masked + 2 * (h * h + 2 * h) * len(lengths)
+    return float(config.num_hidden_layers * per_layer + heads)
+
+
+def training_flops(config: BertConfig, lengths: Sequence[int], num_masked: int) -> float:
+    """FLOPs of one forward + backward pass (3x forward)."""
+    return 3.0 * forward_flops(config, lengths, num_masked)
+
+
+def flops_per_token(config: BertConfig, seq_len: int, mask_prob: float = 0.15) -> float:
+    """Training FLOPs per real token for full sequences of `seq_len` tokens (for quick MFU estimates)."""
+    masked = round(mask_prob * seq_len)
+    return training_flops(config, [seq_len], masked) / seq_len
+
+
+def measure_peak_flops(dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float = 1.0) -> float:
+    """Matmul FLOP/s of this CPU in `dtype` with torch's current thread count: a practical peak for MFU."""
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up: thread pool start and kernel selection are not part of the rate
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - start))
+    return best
+
+
+def peak_flops(device: torch.device | str = "cpu", precision: str = "bf16") -> float:
+    """Peak FLOP/s for MFU: a table for known GPUs (bf16 and fp16 share a figure), a measurement on CPU."""
+    device = torch.device(device)
+    key = "fp32" if precision == "fp32" else "bf16"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for gpu, peaks in GPU_PEAK_FLOPS.items():
+            if gpu in name:
+                return peaks[key]
+        raise ValueError(f"no peak FLOP/s known for {name!r}: pass it explicitly (train.peak_tflops)")
+    return measure_peak_flops(torch.float32 if key == "fp32" else torch.bfloat16)

@@ -1,0 +1,218 @@
+"""Hugging Face interop: export our BERT to the HF layout and import any HF-format BERT checkpoint.
+
+Our module names are HF's, so conversion is by name. The export writes `config.json` + `model.safetensors`
+exactly as `transformers.BertForPreTraining.save_pretrained` would (the tied decoder weight and bias are left out
+and re-tied on load). The import accepts a directory or a file, safetensors (single or sharded), keys with or
+without the `bert.` prefix, old `LayerNorm.gamma/beta` names, and checkpoints of HF's `BertModel`,
+`BertForMaskedLM`, `BertForPreTraining` and `BertForSequenceClassification`. Parts the checkpoint lacks (heads,
+pooler, classifier) keep their fresh initialisation and are reported. Pickle files (`.bin`, `.pt`) can run code
+when loaded, so they are refused unless the caller passes `allow_pickle=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from bertscale.errors import BertscaleError, InputError
+from bertscale.model.bert import BertConfig, BertForPreTraining, BertForSequenceClassification, BertModel
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=nn.Module)
+
+# Keys HF leaves out of the file because they are tied to another parameter.
+TIED_KEYS = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+             "cls.predictions.decoder.bias": "cls.predictions.bias"}
+_BASE_PREFIXES = ("embeddings.", "encoder.", "pooler.")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_SAFETENSORS_NAMES = ("model.safetensors", "model.safetensors.index.json")
+_PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt")
+
+
+@dataclass
+class LoadReport:
+    """What `load_pretrained` did: keys the model had but the file lacked, keys the file had that the model does
+    not use, and the modules left at their fresh initialisation."""
+
+    source: str
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    initialised: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [f"loaded {self.source}"]
+        if self.initialised:
+            parts.append(f"initialised {', '.join(self.initialised)}")
+        if self.unexpected:
+            parts.append(f"ignored {len(self.unexpected)} unused keys ({', '.join(self.unexpected[:4])}...)")
+        return "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------------------------
+_ARCHITECTURES = {BertForPreTraining: "BertForPreTraining", BertModel: "BertModel",
+                  BertForSequenceClassification: "BertForSequenceClassification"}
+
+
+def hf_config_dict(model: nn.Module) -> dict:
+    """config.json contents: HF field names, model_type and architectures (execution options dropped)."""
+    config: BertConfig = model.config
+    data = {k: v for k, v in config.to_dict().items() if k != "unpad"}
+    data.update(model_type="bert", architectures=[_ARCHITECTURES.get(type(model), "BertForPreTraining")],
+                tie_word_embeddings=True, dtype="float32")
+    if isinstance(model, BertForSequenceClassification):
+        data["num_labels"] = model.num_labels
+        data["id2label"] = {str(i): f"LABEL_{i}" for i in range(model.num_labels)}
+        data["label2id"] = {f"LABEL_{i}": i for i in range(model.num_labels)}
+        data["problem_type"] = "regression" if model.num_labels == 1 else "single_label_classification"
+    return data
+
+
+def export_hf(model: nn.Module, out_dir: str | Path) -> Path:
+    """Write `config.json` + `model.safetensors` (fp32) that `transformers` loads with `from_pretrained`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items() if k not in TIED_KEYS}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config_dict(model), indent=2, sort_keys=True) + "\n")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Import
+# ----------------------------------------------------------------------------------------------------------------
+def _weight_files(path: Path, allow_pickle: bool) -> list[Path]:
+    """The weight file(s) of a checkpoint dir or file; pickle only with consent."""
+    if path.is_dir():
+        found = [path / n for n in _SAFETENSORS_NAMES if (path / n).is_file()]
+        if not found:
+            pickled = [path / n for n in _PICKLE_NAMES if (path / n).is_file()]
+            if not pickled:
+                raise InputError(f"{path} holds no model.safetensors (or pytorch_model.bin): not an HF checkpoint")
+            found = pickled
+        path = found[0]
+    if not path.is_file():
+        raise InputError(f"checkpoint {path} does not exist")
+    if path.name.endswith(_PICKLE_SUFFIXES) or path.name.endswith(".bin.index.json"):
+        if not allow_pickle:
+            raise BertscaleError(
+                f"{path} is a pickle file, which can run arbitrary code when loaded; convert it to safetensors, "
+                "or pass allow_pickle=True if you trust its origin"
+            )
+    if path.name.endswith(".index.json"):
+        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        return [path.parent / s for s in shards]
+    return [path]
+
+
+def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of an HF-format checkpoint (dir, file or sharded index), on CPU."""
+    return _read_files(_weight_files(Path(path), allow_pickle))
+
+
+def _read_files(files: list[Path]) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            state.update(load_file(str(f)))
+        else:
+            loaded = torch.load(f, map_location="cpu", weights_only=True)
+            state.update(loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded)
+    return state
+
+
+def read_config(path: str | Path) -> dict:
+    """config.json next to (or inside) a checkpoint path; {} when there is none."""
+    path = Path(path)
+    cfg_file = path / "config.json" if path.is_dir() else path.parent / "config.json"
+    if not cfg_file.is_file():
+        return {}
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{cfg_file} is not valid JSON: {e}") from None
+
+
+def normalise_keys(state: dict[str, torch.Tensor], base_only: bool) -> dict[str, torch.Tensor]:
+    """HF key variants -> our names: add or strip the `bert.` prefix, gamma/beta -> weight/bias."""
+    out = {}
+    for key, value in state.items():
+        key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        if key.startswith(_BASE_PREFIXES):
+            key = "bert." + key
+        if base_only:
+            if not key.startswith("bert."):
+                out["<head>." + key] = value  # reported as unexpected: a BertModel has no heads
+                continue
+            key = key.removeprefix("bert.")
+        out[key] = value
+    # Some checkpoints store only the decoder's bias; ours lives in `cls.predictions.bias`.
+    if "cls.predictions.decoder.bias" in out and "cls.predictions.bias" not in out:
+        out["cls.predictions.bias"] = out["cls.predictions.decoder.bias"]
+    for tied in TIED_KEYS:
+        out.pop(tied, None)
+    return out
+
+
+def _build_model(model_cls: type[M], config: BertConfig | None, hf_config: dict, path: Path, **kw) -> M:
+    if config is None:
+        if not hf_config:
+            raise InputError(f"no config.json at {path}: pass config=BertConfig(...) to load_pretrained")
+        config = BertConfig.from_dict(hf_config)
+    if model_cls is BertForSequenceClassification and "num_labels" not in kw:
+        kw["num_labels"] = hf_config.get("num_labels") or len(hf_config.get("id2label") or {}) or 2
+    return model_cls(config, **kw)
+
+
+def _initialised_modules(missing: list[str]) -> list[str]:
+    """Group missing parameter keys by module: 'cls.predictions.transform.dense.weight' -> 'cls.predictions'."""
+    groups = []
+    for key in missing:
+        parts = key.split(".")
+        name = ".".join(parts[:2]) if parts[0] in ("cls", "bert") else parts[0]
+        if name not in groups:
+            groups.append(name)
+    return groups
+
+
+def load_pretrained(
+    path: str | Path,
+    model_cls: type[M] = BertForPreTraining,
+    config: BertConfig | None = None,
+    allow_pickle: bool = False,
+    **model_kwargs,
+) -> tuple[M, LoadReport]:
+    """Build `model_cls` from an HF-format BERT checkpoint (dir or weights file).
+
+    The config comes from `config` or else the checkpoint's config.json (unknown HF fields ignored); extra
+    keyword arguments go to the model (e.g. num_labels). Missing heads keep their fresh initialisation and are
+    listed in the report; keys the model does not use are listed as unexpected; shape mismatches are errors.
+    """
+    path = Path(path)
+    files = _weight_files(path, allow_pickle)  # first, so that a wrong path or a pickle fails before anything else
+    model = _build_model(model_cls, config, read_config(path), path, **model_kwargs)
+    state = normalise_keys(_read_files(files), base_only=isinstance(model, BertModel))
+    own = {k: v for k, v in model.state_dict().items() if k not in TIED_KEYS}
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            raise InputError(
+                f"{path}: {key} has shape {tuple(value.shape)} but the model expects {tuple(own[key].shape)}; "
+                "check the config (vocab size, hidden size, num_labels) matches the checkpoint"
+            )
+    usable = {k: v for k, v in state.items() if k in own}
+    model.load_state_dict(usable, strict=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    missing = sorted(k for k in own if k not in usable)
+    report = LoadReport(str(path), missing, sorted(k for k in state if k not in own), _initialised_modules(missing))
+    log.info(report.summary())
+    return model, report
