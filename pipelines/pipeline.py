@@ -78,7 +78,10 @@ def _submit(cfg: PipelineConfig, stage: str, upstream: list[str], kwargs: dict[s
     refresh = out.completed() is None
     tags = {**runtime.prefect_tags(), **lineage_tags, "bertscale.fingerprint": fingerprint}
     stage_task = run_stage.with_options(name=stage, refresh_cache=refresh)
-    return stage_task(stage, fingerprint, str(out.path.resolve()), cfg, kwargs, tags, parent_run_id)
+    result = stage_task(stage, fingerprint, str(out.path.resolve()), cfg, kwargs, tags, parent_run_id)
+    # A complete output is reused whether Prefect's cache or the marker answered (a cached result still carries
+    # the `reused` flag of the run that produced it).
+    return {**result, "reused": not refresh}
 
 
 def run_pipeline(cfg: PipelineConfig, until: str = "finetune") -> dict[str, dict]:
