@@ -65,6 +65,8 @@ def test_submit_pretraining_to_slurm(slurm, tmp_path, sample_corpus):
         time.sleep(3)
     logs = "\n".join(p.read_text()[-4000:] for p in work.glob("*.out"))
     assert state == "COMPLETED", f"job ended {state!r}:\n{logs}"
-    assert "world_size=2" in logs or "world size 2" in logs.lower(), logs
     train = work / "train"
-    assert (train / "hf" / "model.safetensors").exists()
+    assert (train / "hf" / "model.safetensors").exists(), logs
+    # Two srun tasks trained together: ZeRO-2 wrote one optimizer partition per rank.
+    partitions = {p.name for p in train.rglob("*zero_pp_rank_*optim_states.pt")}
+    assert any("rank_0" in p for p in partitions) and any("rank_1" in p for p in partitions), (partitions, logs)
