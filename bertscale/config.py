@@ -204,13 +204,45 @@ class TrainConfig(Section):
     seed: int = Field(42, description="Seed of init, masking and data order.")
     num_procs: int = Field(1, ge=1, description="Processes per node for `bertscale pretrain` (DeepSpeed launcher).")
     resume: bool = Field(True, description="Resume from the latest checkpoint in `output` if there is one.")
+    collective_timeout_s: float = Field(
+        1800.0, gt=0, description="Seconds a collective may wait for a peer before the rank stops with an error "
+        "(a dead host or a cut network); also bounds the process-group start-up."
+    )
+    save_failures_tolerated: int = Field(
+        1, ge=0, description="Failed checkpoint saves in a row (disk full, read-only) that only warn; one more "
+        "stops the run. The final save must always succeed."
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Fine-tuning
 # ----------------------------------------------------------------------------------------------------------------
+class CustomTaskConfig(Section):
+    """A user's own task from CSV/TSV/JSONL files, with a mapping from its columns to text_a/text_b/label."""
+
+    name: str = Field(description="Task name, used in finetune.tasks, tables and registered model names.")
+    train: str = Field(description="Training file (.csv, .tsv or .jsonl).")
+    dev: str | None = Field(None, description="Dev file for evaluation and best-epoch selection.")
+    test: str | None = Field(None, description="Unlabelled file to predict (written as <name>.tsv).")
+    format: Literal["auto", "csv", "tsv", "jsonl"] = Field("auto", description="auto = by file suffix.")
+    text_a: str = Field("text_a", description="Column with the first (or only) text.")
+    text_b: str | None = Field(None, description="Column with the second text of a pair task.")
+    label: str = Field("label", description="Column with the label (class name or number).")
+    index: str | None = Field(None, description="Column with row ids for predictions; None = row number.")
+    kind: Literal["classification", "regression"] = Field("classification", description="Head and loss type.")
+    labels: list[str] | None = Field(None, description="Class names in id order; None = sorted training labels.")
+    metrics: list[Literal["accuracy", "f1", "matthews", "pearson", "spearman"]] | None = Field(
+        None, description="None = accuracy (classification) or Pearson + Spearman (regression).")
+
+
 class FinetuneConfig(Section):
     output: str | None = Field(None, description="Output directory; None = <workdir>/finetune.")
+    custom_tasks: list[CustomTaskConfig] = Field(default_factory=list, description="Your own tasks (see above).")
+    grid_lr: list[float] = Field(default_factory=list, description="Learning rates to search; [] = no search.")
+    grid_batch_size: list[int] = Field(default_factory=list, description="Batch sizes to search; [] = no search.")
+    num_workers: int = Field(1, ge=1, description="Parallel processes for the grid search and seeds.")
+    predict_test: bool = Field(True, description="Write test-set predictions in the GLUE submission format.")
+    group_by_length: bool = Field(True, description="Batch examples of similar length (less padding).")
     glue_dir: str | None = Field(None, description="Directory with GLUE-format task folders (CoLA/, SST-2/...).")
     tasks: list[str] = Field(default_factory=lambda: ["RTE"], description="GLUE task names, or custom task names.")
     checkpoint: str | None = Field(None, description="HF dir, DeepSpeed checkpoint dir or models:/name@alias.")

@@ -1,0 +1,388 @@
+"""A fine-tuning suite: tasks x grid points x seeds, the results table, the GLUE average, submission files,
+and MLflow logging (a parent run per suite, a nested run per task/seed, the best model per task registered).
+
+Jobs are independent, so the grid and the seeds fan out over a `concurrent.futures` process pool (each worker
+gets its share of the CPU threads). The grid point with the best median dev score is kept for each task; its
+seeds give the reported median and spread, and its best seed's model is the one registered.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bertscale import tracking
+from bertscale.config import FinetuneConfig, PipelineConfig
+from bertscale.errors import ConfigError, InputError
+from bertscale.finetune import metrics as M
+from bertscale.finetune.tasks import Hparams, TaskSpec, get_task, hparams_for
+from bertscale.finetune.trainer import TaskResult, finetune_task
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_MARKERS = ("tokenizer.json", "vocab.txt")
+
+
+@dataclass
+class Job:
+    """One fine-tuning run, as plain data for a worker process."""
+
+    task: TaskSpec
+    hparams: Hparams
+    seed: int
+    model_path: str
+    tokenizer: str
+    output_dir: str
+    data_dir: str | None
+    max_train_examples: int | None
+    max_eval_examples: int | None
+    precision: str
+    group_by_length: bool
+    predict_test: bool
+
+
+@dataclass
+class TaskSummary:
+    """One task's chosen grid point: its seeds' runs, median and spread of every metric, and the best run."""
+
+    task: str
+    hparams: dict[str, Any]
+    runs: list[TaskResult]
+    stats: dict[str, dict[str, tuple[float, float]]]  # eval split -> metric -> (median, spread)
+    best: TaskResult
+    grid: dict[str, float] = field(default_factory=dict)  # "lr=..,bs=.." -> median score
+
+
+@dataclass
+class SuiteResult:
+    """Everything a suite produced; `table()` and `summary()` render it for people."""
+
+    tasks: dict[str, TaskSummary]
+    glue_average: float
+    output_dir: str
+    registered: dict[str, str] = field(default_factory=dict)  # registered model name -> version
+    submission_dir: str | None = None
+    mlflow_run_id: str | None = None
+
+    def task_scores(self) -> dict[str, float]:
+        """Median score per evaluation entry (MNLI-m and MNLI-mm separately), as the GLUE average takes them."""
+        return {split: stats["score"][0] for s in self.tasks.values() for split, stats in s.stats.items()}
+
+    def table(self) -> str:
+        """Markdown: one row per evaluation, metrics x100 as median ± spread over seeds."""
+        lines = ["| task | metrics (median ± spread over seeds, x100) | score | seeds | lr | batch | best epoch |",
+                 "|---|---|---|---|---|---|---|"]
+        for s in self.tasks.values():
+            for split, stats in s.stats.items():
+                shown = ", ".join(f"{m} {v[0] * 100:.1f} ± {v[1] * 100:.1f}" for m, v in stats.items() if m != "score")
+                lines.append(f"| {split} | {shown} | {stats['score'][0] * 100:.1f} | {len(s.runs)} | "
+                             f"{s.hparams['lr']:g} | {s.hparams['batch_size']} | {s.best.best_epoch} |")
+        if not np.isnan(self.glue_average):
+            lines.append(f"| **GLUE average** | | **{self.glue_average * 100:.1f}** | | | | |")
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        parts = [self.table(), "", f"outputs: {self.output_dir}"]
+        if self.submission_dir:
+            parts.append(f"test predictions (GLUE submission format): {self.submission_dir}")
+        parts += [f"registered model: models:/{name}/{version}" for name, version in self.registered.items()]
+        return "\n".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for flows and JSON: table, scores, best model dirs, registered versions."""
+        return {"output_dir": self.output_dir, "table": self.table(), "glue_average": self.glue_average,
+                "scores": self.task_scores(), "registered": self.registered, "submission_dir": self.submission_dir,
+                "best_models": {t: s.best.model_dir for t, s in self.tasks.items()},
+                "mlflow_run_id": self.mlflow_run_id}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------------------------
+def _is_hf_dir(p: Path) -> bool:
+    return (p / "config.json").is_file() and any((p / n).is_file() for n in (
+        "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"))
+
+
+def resolve_checkpoint(ref: str, export_dir: str | Path | None = None, cfg: PipelineConfig | None = None) -> Path:
+    """An HF-format model directory for `ref`: an HF dir as is; a DeepSpeed checkpoint dir exported with
+    `bertscale.train.export_checkpoint` (into `export_dir`); `models:/name@alias` or `models:/name/version`
+    downloaded from the MLflow registry (the one `cfg` points at, else MLflow's current one)."""
+    if ref.startswith("models:/"):
+        if cfg is not None:
+            tracking.configure(cfg)
+        return tracking.resolve_model_uri(ref, export_dir)
+    p = Path(ref)
+    if not p.exists():
+        raise InputError(f"checkpoint {ref} does not exist; pass an HF dir, a DeepSpeed checkpoint dir or "
+                         "models:/<name>@<alias>")
+    if p.is_dir() and _is_hf_dir(p):
+        return p
+    if p.is_file() and p.suffix == ".safetensors":
+        return p.parent
+    try:
+        from bertscale.train import export_checkpoint
+    except ImportError:
+        raise InputError(f"{p} is not an HF-format BERT dir (config.json + model.safetensors) and the "
+                         "DeepSpeed export is not available in this installation") from None
+    out = Path(export_dir) if export_dir else Path(tempfile.mkdtemp(prefix="bertscale-export-"))
+    log.info("exporting DeepSpeed checkpoint %s to %s", p, out)
+    return export_checkpoint(p, out)
+
+
+def resolve_tokenizer(checkpoint: Path, tokenizer: str | None, cfg: PipelineConfig) -> Path:
+    """The checkpoint's own tokenizer files, else `tokenizer`, else the pipeline's tokenizer stage output."""
+    if any((checkpoint / n).is_file() for n in TOKENIZER_MARKERS):
+        return checkpoint
+    candidate = Path(tokenizer) if tokenizer else cfg.stage_dir("tokenizer")
+    if not (candidate.is_file() or any((candidate / n).is_file() for n in TOKENIZER_MARKERS)):
+        raise InputError(f"checkpoint {checkpoint} has no tokenizer files and none was found at {candidate}; "
+                         "pass --tokenizer <dir with tokenizer.json or vocab.txt>")
+    return candidate
+
+
+def grid_points(task: TaskSpec, ft: FinetuneConfig) -> list[Hparams]:
+    """lr x batch size from the config's grid, each axis falling back to the single configured value."""
+    base = hparams_for(task, ft)
+    lrs = ft.grid_lr or [base.lr]
+    sizes = ft.grid_batch_size or [base.batch_size]
+    return [hparams_for(task, ft, lr=lr, batch_size=bs) for lr, bs in itertools.product(lrs, sizes)]
+
+
+def _point_name(hp: Hparams) -> str:
+    return f"lr{hp.lr:g}_bs{hp.batch_size}"
+
+
+def build_jobs(cfg: PipelineConfig, model_path: Path, tokenizer: Path, out: Path) -> list[Job]:
+    ft = cfg.finetune
+    jobs = []
+    for name in ft.tasks:
+        task = get_task(name, ft.custom_tasks)
+        if task.predict_with:
+            raise ConfigError(f"{task.name} is not trained: it is predicted by the {task.predict_with} model; "
+                              f"put {task.predict_with} in finetune.tasks instead")
+        if task.fmt == "glue" and ft.glue_dir is None:
+            log.info("%s: finetune.glue_dir is not set; loading %s from the hub", task.name, task.hub)
+        for hp in grid_points(task, ft):
+            for seed in ft.seeds:
+                jobs.append(Job(task, hp, seed, str(model_path), str(tokenizer),
+                                str(out / task.name / _point_name(hp) / f"seed{seed}"), ft.glue_dir,
+                                ft.max_train_examples, ft.max_eval_examples, ft.precision, ft.group_by_length,
+                                ft.predict_test))
+    return jobs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------------------------------------------
+def run_job(job: Job) -> TaskResult:
+    """Run one job (in this process or a worker)."""
+    return finetune_task(job.task, job.model_path, job.tokenizer, job.hparams, job.seed, data_dir=job.data_dir,
+                         output_dir=job.output_dir, max_train_examples=job.max_train_examples,
+                         max_eval_examples=job.max_eval_examples, precision=job.precision,
+                         group_by_length=job.group_by_length, predict_test=job.predict_test)
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    # Workers share the cores: oversubscribed OpenMP threads spin and slow every worker down.
+    torch.set_num_threads(threads)
+
+
+def run_jobs(jobs: list[Job], num_workers: int = 1) -> list[TaskResult]:
+    """All jobs, in order; in a spawn-started process pool when num_workers > 1."""
+    workers = min(num_workers, len(jobs))
+    if workers <= 1:
+        return [run_job(j) for j in jobs]
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                             initargs=(threads,)) as pool:
+        return list(pool.map(run_job, jobs))
+
+
+def summarize(results: list[TaskResult]) -> dict[str, TaskSummary]:
+    """Per task: the grid point with the best median score, its seeds' median/spread, and its best seed."""
+    by_task: dict[str, dict[str, list[TaskResult]]] = {}
+    for r in results:
+        by_task.setdefault(r.task, {}).setdefault(_point_name(Hparams(**r.hparams)), []).append(r)
+    out = {}
+    for task, points in by_task.items():
+        medians = {p: M.median_and_spread([r.score for r in runs])[0] for p, runs in points.items()}
+        chosen = max(medians, key=medians.get)
+        runs = points[chosen]
+        stats = {split: {m: M.median_and_spread([r.metrics[split][m] for r in runs]) for m in metrics}
+                 for split, metrics in runs[0].metrics.items()}
+        best = max(runs, key=lambda r: r.score)
+        out[task] = TaskSummary(task, runs[0].hparams, runs, stats, best, medians)
+    return out
+
+
+def collect_submission(summaries: dict[str, TaskSummary], out: Path) -> Path | None:
+    """Copy each task's best-run test predictions into one folder, named as the GLUE server expects."""
+    files = {name: path for s in summaries.values() for name, path in s.best.predictions.items()}
+    if not files:
+        return None
+    sub = out / "submission"
+    sub.mkdir(parents=True, exist_ok=True)
+    for name, path in files.items():
+        shutil.copyfile(path, sub / f"{name}.tsv")
+    return sub
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plots (files, so that they can be logged as artifacts and opened anywhere)
+# ----------------------------------------------------------------------------------------------------------------
+def plot_learning_curves(summary: TaskSummary, path: Path) -> Path:
+    """Dev score per epoch for every seed of the chosen grid point, beside the training loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_dev) = plt.subplots(1, 2, figsize=(10, 4))
+    for r in summary.runs:
+        steps, losses = zip(*r.loss_curve) if r.loss_curve else ([h.step for h in r.history],
+                                                                  [h.train_loss for h in r.history])
+        ax_loss.plot(steps, losses, label=f"seed {r.seed}")
+        ax_dev.plot([h.epoch for h in r.history], [h.selection for h in r.history], marker="o", label=f"seed {r.seed}")
+    ax_loss.set(title=f"{summary.task}: training loss", xlabel="step", ylabel="loss")
+    ax_dev.set(title=f"{summary.task}: dev score", xlabel="epoch", ylabel="score")
+    ax_dev.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(task: TaskSpec, matrix: list[list[int]], title: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4 + len(task.labels) * 0.5, 3.5 + len(task.labels) * 0.5))
+    ax.imshow(np.asarray(matrix), cmap="Blues")
+    ax.set(xticks=range(len(task.labels)), yticks=range(len(task.labels)), xticklabels=task.labels,
+           yticklabels=task.labels, xlabel="predicted", ylabel="true", title=title)
+    for (i, j), v in np.ndenumerate(np.asarray(matrix)):
+        ax.text(j, i, str(v), ha="center", va="center")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MLflow
+# ----------------------------------------------------------------------------------------------------------------
+def _log_run(cfg: PipelineConfig, r: TaskResult, tags: Mapping[str, str],
+             best_of: TaskSummary | None = None) -> tuple[str | None, str | None]:
+    """A nested run for one (task, seed, grid point): params, per-epoch metrics, result JSON; for a task's best
+    run, the model too, registered. Returns (run id, registered version or None)."""
+    with tracking.stage_run(cfg, f"finetune-{r.task}", tags={**tags, "bertscale.task": r.task,
+                                                             "bertscale.seed": str(r.seed)}) as run_id:
+        tracking.log_params({"task": r.task, "seed": r.seed, **r.hparams, "train_examples": r.train_examples})
+        for h in r.history:
+            metrics = {f"{split}.{m}": v for split, ms in h.eval.items() for m, v in ms.items()}
+            tracking.log_metrics({**metrics, "train_loss": h.train_loss, "dev_score": h.selection}, step=h.epoch)
+        for step, loss in r.loss_curve:
+            tracking.log_metrics({"train_loss_step": loss}, step=step)
+        tracking.log_metrics({"best_epoch": r.best_epoch, "best_score": r.score,
+                              "tokens_per_second": r.tokens_per_second, "train_seconds": r.train_seconds})
+        tracking.log_json(asdict(r), "result.json")
+        version = None
+        if best_of is not None and run_id is not None and r.model_dir is not None:
+            version = _register_best(cfg, best_of, tags)
+        return run_id, version
+
+
+def _register_best(cfg: PipelineConfig, s: TaskSummary, lineage: Mapping[str, str]) -> str:
+    """Log the best model of a task into the active run and register it as `<cfg.name>-<task>`."""
+    tags = {**lineage, "bertscale.task": s.task, "bertscale.seed": s.best.seed,
+            "bertscale.hparams": json.dumps(s.hparams), "bertscale.finetune_run_id": tracking.active_run_id()}
+    return tracking.register_model(s.best.model_dir, f"{cfg.name}-{s.task}", score=s.best.score, tags=tags)
+
+
+def _lineage(checkpoint: str, tokenizer: Path, extra: Mapping[str, str] | None) -> dict[str, str]:
+    """Where the fine-tuned models come from: the pretraining run and checkpoint, the tokenizer's fingerprint."""
+    from bertscale.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    tags = {"bertscale.source_checkpoint": checkpoint,
+            "bertscale.tokenizer_fingerprint": tokenizer_fingerprint(load_tokenizer(tokenizer))}
+    if os.environ.get("BERTSCALE_PRETRAIN_RUN_ID"):
+        tags["bertscale.pretrain_run_id"] = os.environ["BERTSCALE_PRETRAIN_RUN_ID"]
+    return {**tags, **(extra or {})}
+
+
+def log_suite(cfg: PipelineConfig, result: SuiteResult, results: list[TaskResult], lineage: Mapping[str, str],
+              out: Path) -> None:
+    """Nested runs, per-task plots, the results table, and registration of each task's best model."""
+    best_ids = {id(s.best): s for s in result.tasks.values()} if cfg.finetune.register_models else {}
+    for r in results:
+        s = best_ids.get(id(r))
+        _, version = _log_run(cfg, r, lineage, s)
+        if s is not None and version:
+            result.registered[f"{cfg.name}-{s.task}"] = version
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    for s in result.tasks.values():
+        task = get_task(s.task, cfg.finetune.custom_tasks)
+        plot_learning_curves(s, plots / f"{s.task}-learning-curves.png")
+        for split, matrix in s.best.confusion.items():
+            plot_confusion(task, matrix, f"{split} (seed {s.best.seed})", plots / f"{split}-confusion.png")
+    tracking.log_artifact(plots, "plots")
+    tracking.log_text(result.table(), "results.md")
+    tracking.log_json(result.to_dict(), "results.json")
+    scores = {f"{k}.score": v for k, v in result.task_scores().items()}
+    tracking.log_metrics({**scores, "glue_average": result.glue_average})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------------------------
+def run_finetune(cfg: PipelineConfig, checkpoint: str | None = None, tokenizer: str | None = None,
+                 tags: Mapping[str, str] | None = None, parent_run_id: str | None = None) -> SuiteResult:
+    """Fine-tune a checkpoint on every configured task x grid point x seed; table, submission files, MLflow.
+
+    `checkpoint` defaults to finetune.checkpoint. The tokenizer is the checkpoint's own, else `tokenizer`, else
+    the tokenizer stage's output; its vocabulary size must match the checkpoint's. `tags` (e.g. the pretraining
+    run id) are added to every run and registered model as lineage.
+    """
+    ref = checkpoint or cfg.finetune.checkpoint
+    if not ref:
+        raise ConfigError("no checkpoint to fine-tune: set finetune.checkpoint or pass --checkpoint "
+                          "(an HF dir, a DeepSpeed checkpoint dir or models:/<name>@<alias>)")
+    out = cfg.stage_dir("finetune")
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = resolve_checkpoint(ref, out / "checkpoint", cfg if cfg.tracking.enabled else None)
+    tok_path = resolve_tokenizer(model_path, tokenizer, cfg)
+    from bertscale.finetune.trainer import load_checked_tokenizer
+
+    load_checked_tokenizer(tok_path, model_path)  # a mismatch fails here, before any job starts
+    jobs = build_jobs(cfg, model_path, tok_path, out)
+    lineage = _lineage(ref, tok_path, tags)
+    with tracking.stage_run(cfg, "finetune", tags=lineage, parent_run_id=parent_run_id) as run_id:
+        tracking.log_config(cfg, "finetune")
+        results = run_jobs(jobs, cfg.finetune.num_workers)
+        summaries = summarize(results)
+        result = SuiteResult(summaries, 0.0, str(out), mlflow_run_id=run_id)
+        result.glue_average = M.glue_average(result.task_scores())
+        result.submission_dir = str(sub) if (sub := collect_submission(summaries, out)) else None
+        if run_id is not None:
+            log_suite(cfg, result, results, lineage, out)
+    (out / "results.md").write_text(result.table() + "\n")
+    (out / "results.json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    return result

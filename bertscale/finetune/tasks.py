@@ -1,0 +1,404 @@
+"""Fine-tuning tasks: the GLUE registry, its loaders, and users' own CSV/TSV/JSONL tasks.
+
+Every loader returns a `datasets.Dataset` with the columns `idx` (str: the row's id for submissions), `text_a`,
+`text_b` (None for single-sentence tasks) and, for labelled splits, `label` (class id, or float for regression).
+
+GLUE's TSV files are read the way GLUE's reference processors read them: tab-separated, no quote handling, a
+header skipped where the file has one. Rows a processor would choke on are errors naming the file and line,
+except for MRPC and QQP, whose official loaders skip rows with missing fields; those are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from bertscale.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    import datasets
+
+    from bertscale.config import CustomTaskConfig, FinetuneConfig
+
+log = logging.getLogger(__name__)
+
+# GLUE's sentences are short, but some user files carry long documents in a field.
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+Kind = Literal["classification", "regression"]
+
+
+@dataclass(frozen=True)
+class Hparams:
+    """Fine-tuning hyper-parameters; the registry holds per-task defaults from the BERT paper."""
+
+    lr: float = 2e-5
+    batch_size: int = 32
+    epochs: float = 3.0
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_length: int = 128
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Where a split's fields are: 0-based column indices (negative counts from the end), or names."""
+
+    text_a: int | str
+    text_b: int | str | None = None
+    label: int | str | None = None
+    index: int | str | None = None
+    header: bool = True
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task: its label set, metrics, files and defaults."""
+
+    name: str
+    kind: Kind
+    labels: tuple[str, ...]  # class names in id order; () for regression
+    metrics: tuple[str, ...]
+    train: str | None  # file name (GLUE) or path (custom)
+    dev: dict[str, str]  # evaluation name -> file, e.g. {"MNLI-m": "dev_matched.tsv", ...}
+    test: dict[str, str]  # submission name -> file
+    labelled: Columns | None = None  # layout of train/dev files
+    unlabelled: Columns | None = None  # layout of test files
+    folder: str | None = None  # GLUE sub-folder
+    defaults: Hparams = field(default_factory=Hparams)
+    fmt: Literal["glue", "csv", "tsv", "jsonl"] = "glue"
+    skip_incomplete: bool = False  # MRPC/QQP: GLUE's loaders skip rows with missing fields
+    predict_with: str | None = None  # AX: predicted by the MNLI model, never trained
+    hub: tuple[str, str] | None = None  # (dataset, config) on the Hugging Face hub
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.kind == "regression" else len(self.labels)
+
+    @property
+    def main_metric(self) -> str:
+        """Best-epoch selection uses the task score (mean of its GLUE metrics)."""
+        return "score"
+
+
+_NLI = Columns(text_a=1, text_b=2, label=-1)
+_NLI_TEST = Columns(text_a=1, text_b=2, index=0)
+_SMALL = Hparams(batch_size=16)
+
+GLUE_TASKS: dict[str, TaskSpec] = {
+    t.name: t
+    for t in [
+        TaskSpec("CoLA", "classification", ("0", "1"), ("matthews",), "train.tsv", {"CoLA": "dev.tsv"},
+                 {"CoLA": "test.tsv"}, Columns(text_a=3, label=1, header=False), Columns(text_a=1, index=0),
+                 "CoLA", _SMALL, hub=("nyu-mll/glue", "cola")),
+        TaskSpec("SST-2", "classification", ("0", "1"), ("accuracy",), "train.tsv", {"SST-2": "dev.tsv"},
+                 {"SST-2": "test.tsv"}, Columns(text_a=0, label=1), Columns(text_a=1, index=0), "SST-2",
+                 hub=("nyu-mll/glue", "sst2")),
+        TaskSpec("MRPC", "classification", ("0", "1"), ("f1", "accuracy"), "train.tsv", {"MRPC": "dev.tsv"},
+                 {"MRPC": "test.tsv"}, Columns(text_a=3, text_b=4, label=0), Columns(text_a=3, text_b=4, index=0),
+                 "MRPC", _SMALL, skip_incomplete=True, hub=("nyu-mll/glue", "mrpc")),
+        TaskSpec("STS-B", "regression", (), ("pearson", "spearman"), "train.tsv", {"STS-B": "dev.tsv"},
+                 {"STS-B": "test.tsv"}, Columns(text_a=7, text_b=8, label=-1), Columns(text_a=7, text_b=8, index=0),
+                 "STS-B", _SMALL, hub=("nyu-mll/glue", "stsb")),
+        TaskSpec("QQP", "classification", ("0", "1"), ("f1", "accuracy"), "train.tsv", {"QQP": "dev.tsv"},
+                 {"QQP": "test.tsv"}, Columns(text_a=3, text_b=4, label=5), Columns(text_a=1, text_b=2, index=0),
+                 "QQP", skip_incomplete=True, hub=("nyu-mll/glue", "qqp")),
+        TaskSpec("MNLI", "classification", ("contradiction", "entailment", "neutral"), ("accuracy",), "train.tsv",
+                 {"MNLI-m": "dev_matched.tsv", "MNLI-mm": "dev_mismatched.tsv"},
+                 {"MNLI-m": "test_matched.tsv", "MNLI-mm": "test_mismatched.tsv"},
+                 Columns(text_a=8, text_b=9, label=-1), Columns(text_a=8, text_b=9, index=0), "MNLI",
+                 hub=("nyu-mll/glue", "mnli")),
+        TaskSpec("QNLI", "classification", ("entailment", "not_entailment"), ("accuracy",), "train.tsv",
+                 {"QNLI": "dev.tsv"}, {"QNLI": "test.tsv"}, _NLI, _NLI_TEST, "QNLI", hub=("nyu-mll/glue", "qnli")),
+        TaskSpec("RTE", "classification", ("entailment", "not_entailment"), ("accuracy",), "train.tsv",
+                 {"RTE": "dev.tsv"}, {"RTE": "test.tsv"}, _NLI, _NLI_TEST, "RTE", _SMALL,
+                 hub=("nyu-mll/glue", "rte")),
+        TaskSpec("WNLI", "classification", ("0", "1"), ("accuracy",), "train.tsv", {"WNLI": "dev.tsv"},
+                 {"WNLI": "test.tsv"}, _NLI, _NLI_TEST, "WNLI", _SMALL, hub=("nyu-mll/glue", "wnli")),
+        # The diagnostic set has no training data: the MNLI model predicts it for the submission.
+        TaskSpec("AX", "classification", ("contradiction", "entailment", "neutral"), ("accuracy",), None, {},
+                 {"AX": "diagnostic.tsv"}, None, _NLI_TEST, "AX", predict_with="MNLI", hub=("nyu-mll/glue", "ax")),
+    ]
+}
+# Grid of the BERT paper's fine-tuning search, restricted to what fits a small budget.
+DEFAULT_GRID = {"lr": [2e-5, 3e-5, 5e-5], "batch_size": [16, 32]}
+
+
+@dataclass
+class LoadedSplit:
+    """A loaded split with where it came from and how many rows GLUE's rules skipped."""
+
+    name: str
+    dataset: "datasets.Dataset"
+    source: str
+    skipped: int = 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------------------------------
+def get_task(name: str, custom: list["CustomTaskConfig"] | None = None) -> TaskSpec:
+    """A GLUE task by name (case-insensitive, 'sst2' == 'SST-2') or a custom task from the config."""
+    for c in custom or []:
+        if c.name == name:
+            return custom_task(c)
+    key = name.upper().replace("-", "").replace("_", "")
+    for task_name, spec in GLUE_TASKS.items():
+        if task_name.upper().replace("-", "") == key or (key == "MNLIM" and task_name == "MNLI"):
+            return spec
+    known = list(GLUE_TASKS) + [c.name for c in custom or []]
+    raise ConfigError(f"unknown task {name!r}: choose one of {', '.join(known)} or define it in "
+                      "finetune.custom_tasks")
+
+
+def hparams_for(task: TaskSpec, ft: "FinetuneConfig | None" = None, **overrides: Any) -> Hparams:
+    """The task's defaults, then the config's explicit values, then keyword overrides (grid points)."""
+    values: dict[str, Any] = {}
+    if ft is not None:
+        values = {k: getattr(ft, k) for k in ("lr", "batch_size", "epochs") if getattr(ft, k) is not None}
+        values.update(warmup_ratio=ft.warmup_ratio, weight_decay=ft.weight_decay, max_length=ft.max_length)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return replace(task.defaults, **values)
+
+
+def custom_task(c: "CustomTaskConfig") -> TaskSpec:
+    """A TaskSpec from a `finetune.custom_tasks` entry; the label set defaults to the training labels, sorted."""
+    fmt = c.format if c.format != "auto" else _format_from_suffix(c.train)
+    labels: tuple[str, ...] = ()
+    if c.kind == "classification":
+        labels = tuple(c.labels) if c.labels else _infer_labels(c, fmt)
+        if len(labels) < 2:
+            raise InputError(f"custom task {c.name}: {c.train} has {len(labels)} distinct label(s) in column "
+                             f"{c.label!r}; classification needs at least 2")
+    metrics = tuple(c.metrics) if c.metrics else (("accuracy",) if c.kind == "classification"
+                                                   else ("pearson", "spearman"))
+    cols = Columns(text_a=c.text_a, text_b=c.text_b, label=c.label, index=c.index)
+    test_cols = replace(cols, label=None)
+    return TaskSpec(c.name, c.kind, labels, metrics, c.train, {c.name: c.dev} if c.dev else {},
+                    {c.name: c.test} if c.test else {}, cols, test_cols, None, fmt=fmt)
+
+
+def _format_from_suffix(path: str) -> Literal["csv", "tsv", "jsonl"]:
+    suffix = Path(path).suffix.lower()
+    fmt = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
+    if suffix not in fmt:
+        raise ConfigError(f"cannot tell the format of {path} from its suffix; set format: csv, tsv or jsonl")
+    return fmt[suffix]  # type: ignore[return-value]
+
+
+def _infer_labels(c: "CustomTaskConfig", fmt: str) -> tuple[str, ...]:
+    seen = {str(r.get(c.label)) for _, r in _custom_records(Path(c.train), fmt) if r.get(c.label) not in (None, "")}
+    # Numeric labels sort numerically so that "2" < "10".
+    try:
+        return tuple(sorted(seen, key=float))
+    except ValueError:
+        return tuple(sorted(seen))
+
+
+def subset(ds: "datasets.Dataset", n: int | None, seed: int = 0) -> "datasets.Dataset":
+    """A fixed random subset of `n` rows (debug runs, benchmarks); the whole set when n is None or larger."""
+    if n is None or n >= len(ds):
+        return ds
+    return ds.shuffle(seed=seed).select(range(n)).flatten_indices()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------
+_HUB_SPLITS = {"train.tsv": "train", "dev.tsv": "validation", "test.tsv": "test", "diagnostic.tsv": "test",
+               "dev_matched.tsv": "validation_matched", "dev_mismatched.tsv": "validation_mismatched",
+               "test_matched.tsv": "test_matched", "test_mismatched.tsv": "test_mismatched"}
+
+
+def load_train(task: TaskSpec, data_dir: str | Path | None) -> LoadedSplit:
+    if task.train is None:
+        raise ConfigError(f"task {task.name} has no training data (it is predicted with the "
+                          f"{task.predict_with} model)")
+    return _load(task, "train", task.train, data_dir, labelled=True)
+
+
+def load_eval(task: TaskSpec, data_dir: str | Path | None) -> list[LoadedSplit]:
+    """One labelled split per evaluation (two for MNLI: matched and mismatched)."""
+    return [_load(task, name, f, data_dir, labelled=True) for name, f in task.dev.items()]
+
+
+def load_test(task: TaskSpec, data_dir: str | Path | None) -> list[LoadedSplit]:
+    """One unlabelled split per submission file; files that are absent locally are left out (with a log line)."""
+    out = []
+    for name, f in task.test.items():
+        path = _local_path(task, f, data_dir)
+        if path is not None and not path.is_file():
+            log.info("%s: no test file %s; no submission predictions for it", name, path)
+            continue
+        out.append(_load(task, name, f, data_dir, labelled=False))
+    return out
+
+
+def _local_path(task: TaskSpec, file: str, data_dir: str | Path | None) -> Path | None:
+    if task.fmt != "glue":
+        return Path(file)
+    return None if data_dir is None else Path(data_dir) / (task.folder or task.name) / file
+
+
+def _load(task: TaskSpec, name: str, file: str, data_dir: str | Path | None, labelled: bool) -> LoadedSplit:
+    path = _local_path(task, file, data_dir)
+    if path is None:
+        return LoadedSplit(name, _hub_split(task, file, labelled), f"hub:{task.hub}")
+    if not path.is_file():
+        where = "finetune.glue_dir" if task.fmt == "glue" else f"finetune.custom_tasks[{task.name}]"
+        raise InputError(f"{task.name}: {path} does not exist; check {where}")
+    cols = task.labelled if labelled else task.unlabelled
+    assert cols is not None, f"{task.name} has no column layout for {'labelled' if labelled else 'test'} files"
+    records = _glue_records(path, cols.header) if task.fmt == "glue" else _custom_records(path, task.fmt)
+    rows, skipped = _to_rows(task, cols, records, path, labelled)
+    if not rows["idx"]:
+        raise InputError(f"{task.name}: {path} has no data rows{f' ({skipped} skipped)' if skipped else ''}; "
+                         "an empty split cannot be trained or evaluated")
+    if skipped:
+        log.warning("%s: skipped %d row(s) of %s with missing fields (as GLUE's loader does)", task.name,
+                    skipped, path)
+    import datasets
+
+    return LoadedSplit(name, datasets.Dataset.from_dict(rows, features=_features(task, labelled)), str(path), skipped)
+
+
+def _features(task: TaskSpec, labelled: bool) -> "datasets.Features":
+    import datasets
+
+    feats = {"idx": datasets.Value("string"), "text_a": datasets.Value("string"),
+             "text_b": datasets.Value("string")}
+    if labelled:
+        feats["label"] = datasets.Value("float32" if task.kind == "regression" else "int64")
+    return datasets.Features(feats)
+
+
+def _glue_records(path: Path, header: bool):
+    """(line number, fields) of a GLUE TSV: tabs only, quotes are plain characters, the BOM is dropped."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        for lineno, row in enumerate(reader, 1):
+            if header and lineno == 1:
+                continue
+            yield lineno, row
+
+
+def _custom_records(path: Path, fmt: str):
+    """(line number, {column: value}) of a user's CSV, TSV (quoted fields allowed) or JSONL file."""
+    if not path.is_file():
+        raise InputError(f"{path} does not exist")
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        if fmt == "jsonl":
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg}); JSONL needs one object per line")
+                if not isinstance(record, dict):
+                    raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+                yield lineno, record
+            return
+        reader = csv.DictReader(f, delimiter="," if fmt == "csv" else "\t")
+        for row in reader:
+            yield reader.line_num, row
+
+
+def _field(row: list[str] | dict[str, Any], key: int | str, path: Path, lineno: int) -> Any:
+    """A field by index (GLUE) or name (custom); KeyError with the file and line when it is not there."""
+    try:
+        value = row[key]  # type: ignore[index]
+    except (IndexError, KeyError):
+        value = None
+    if value is None:
+        have = f"{len(row)} field(s)" if isinstance(row, list) else f"columns {sorted(map(str, row))}"
+        hint = ("; GLUE files are tab-separated with no quoting (is it a CSV file?)"
+                if isinstance(row, list) and len(row) <= 1 else "; check the delimiter and the column mapping")
+        raise KeyError(f"{path}:{lineno}: no field {key!r} (the row has {have}){hint}")
+    return value
+
+
+def _label(task: TaskSpec, raw: Any, path: Path, lineno: int) -> int | float:
+    if task.kind == "regression":
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise InputError(f"{path}:{lineno}: label {raw!r} is not a number; {task.name} is a regression task")
+    text = str(raw).strip()
+    # JSON numbers arrive as ints/floats: 1.0 and 1 both name the class "1".
+    if isinstance(raw, float) and raw.is_integer():
+        text = str(int(raw))
+    if text not in task.labels:
+        raise InputError(f"{path}:{lineno}: label {text!r} is not one of {task.name}'s labels "
+                         f"{list(task.labels)}; fix the row or the task's label set")
+    return task.labels.index(text)
+
+
+def _to_rows(task: TaskSpec, cols: Columns, records, path: Path, labelled: bool) -> tuple[dict[str, list], int]:
+    rows: dict[str, list] = {"idx": [], "text_a": [], "text_b": []}
+    if labelled:
+        rows["label"] = []
+    skipped = 0
+    for n, (lineno, row) in enumerate(records):
+        try:
+            a = _field(row, cols.text_a, path, lineno)
+            b = _field(row, cols.text_b, path, lineno) if cols.text_b is not None else None
+            raw = _field(row, cols.label, path, lineno) if labelled and cols.label is not None else None
+            if labelled and cols.label is not None and str(raw).strip() == "":
+                raise KeyError(f"{path}:{lineno}: empty label")
+            idx = _field(row, cols.index, path, lineno) if cols.index is not None else str(n)
+            # A negative label index can alias a text column on a short row; GLUE rows are at least this wide.
+            if isinstance(row, list) and len(row) < _min_fields(cols, labelled):
+                raise KeyError(f"{path}:{lineno}: the row has {len(row)} field(s), {task.name} needs at least "
+                               f"{_min_fields(cols, labelled)}")
+        except KeyError as e:
+            if task.skip_incomplete:
+                skipped += 1
+                continue
+            raise InputError(str(e.args[0])) from None
+        rows["idx"].append(str(idx))
+        rows["text_a"].append(str(a))
+        rows["text_b"].append(None if b is None else str(b))
+        if labelled:
+            rows["label"].append(_label(task, raw, path, lineno) if cols.label is not None else -1)
+    return rows, skipped
+
+
+def _min_fields(cols: Columns, labelled: bool) -> int:
+    keys = [cols.text_a, cols.text_b, cols.index] + ([cols.label] if labelled else [])
+    ints = [k for k in keys if isinstance(k, int)]
+    if not ints:
+        return 0
+    non_negative = [k for k in ints if k >= 0]
+    return (max(non_negative) + 1 if non_negative else 0) + (1 if any(k < 0 for k in ints) else 0)
+
+
+def _hub_split(task: TaskSpec, file: str, labelled: bool) -> "datasets.Dataset":
+    """The same split from the Hugging Face hub (needs network), mapped to our columns and label ids."""
+    if task.hub is None:
+        raise ConfigError(f"task {task.name} has no hub dataset; set finetune.glue_dir to a local GLUE copy")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(*task.hub, split=_HUB_SPLITS[file])
+    except Exception as e:  # noqa: BLE001 - offline, unknown dataset: all mean "use local files"
+        raise InputError(f"cannot load {task.hub} from the hub ({type(e).__name__}: {e}); set "
+                         "finetune.glue_dir to a local GLUE copy") from None
+    names = ds.column_names
+    a = next(c for c in ("question1", "question", "premise", "sentence1", "sentence") if c in names)
+    b = next((c for c in ("question2", "hypothesis", "sentence2", "sentence") if c in names and c != a), None)
+    hub_names = getattr(ds.features.get("label"), "names", None)
+
+    def convert(ex: dict) -> dict:
+        label = ex.get("label", -1)
+        if task.kind == "classification" and hub_names and label >= 0 and hub_names[label] in task.labels:
+            label = task.labels.index(hub_names[label])
+        out = {"idx": str(ex.get("idx", "")), "text_a": ex[a], "text_b": ex[b] if b else None}
+        return {**out, "label": label} if labelled else out
+
+    return ds.map(convert, remove_columns=names, features=_features(task, labelled))
