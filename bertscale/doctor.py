@@ -2,11 +2,14 @@
 
 Checks: library versions (and, across nodes, that they match rank 0's), that rank 0's port can be reached (rank 0
 serves a tiny handshake on the master port; the other nodes connect to it), free disk for the checkpoints the
-config will keep, and the gloo/NCCL environment (interfaces named in *_SOCKET_IFNAME exist, MASTER_ADDR resolves).
+config will keep, that every node sees rank 0's checkpoint directory (a marker file rank 0 writes there), the
+collective timeout, and the gloo/NCCL environment (interfaces named in *_SOCKET_IFNAME exist, are up and have an
+address; MASTER_ADDR resolves).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -14,6 +17,7 @@ import shutil
 import socket
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -93,15 +97,23 @@ def check_disk(report: Report, cfg: PipelineConfig) -> None:
 
 
 def check_env(report: Report, master_addr: str | None) -> None:
-    interfaces = set(psutil.net_if_addrs())
+    addrs, stats = psutil.net_if_addrs(), psutil.net_if_stats()
     for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
         value = os.environ.get(var)
-        if value:
-            names = [n.lstrip("^=") for n in value.split(",")]
-            missing = [n for n in names if n and not value.startswith("^") and n not in interfaces]
-            report.add(var, "fail" if missing else "ok",
-                       f"interface(s) {missing} not on this host (have {sorted(interfaces)})" if missing
-                       else f"{value}")
+        if not value:
+            continue
+        names = [n.lstrip("^=") for n in value.split(",")]
+        missing = [n for n in names if n and not value.startswith("^") and n not in addrs]
+        if missing:
+            report.add(var, "fail", f"interface(s) {missing} not on this host (have {sorted(addrs)})")
+            continue
+        down = [n for n in names if n in stats and not stats[n].isup]
+        no_ip = [n for n in names if n in addrs and not any(a.family == socket.AF_INET for a in addrs[n])]
+        if down or no_ip:
+            report.add(var, "fail", f"interface(s) {down} down, {no_ip} without an IPv4 address: bring them up "
+                       "(ip link set <if> up) or name another interface")
+        else:
+            report.add(var, "ok", value)
     if master_addr:
         try:
             resolved = socket.gethostbyname(master_addr)
@@ -113,8 +125,20 @@ def check_env(report: Report, master_addr: str | None) -> None:
         report.add("RANK/WORLD_SIZE", "fail", f"RANK={rank} is outside WORLD_SIZE={world}")
 
 
-def serve_handshake(port: int, peers: int, timeout: float, host: str = "0.0.0.0") -> list[dict]:
-    """On rank 0's node: answer `peers` handshakes with our versions; returns what the peers sent."""
+def check_timeout(report: Report, cfg: PipelineConfig) -> None:
+    """The collective timeout must outlast the longest pause of one rank (rank 0's export, a slow save)."""
+    t = cfg.train.collective_timeout_s
+    if t < 300:
+        report.add("collective timeout", "warn",
+                   f"train.collective_timeout_s={t:g} s: a dead peer is detected fast, but a checkpoint save or "
+                   "the final export of a large model can pause one rank longer and would be taken for a failure")
+    else:
+        report.add("collective timeout", "ok", f"{t:g} s (a silent peer stops the job after this long)")
+
+
+def serve_handshake(port: int, peers: int, timeout: float, host: str = "0.0.0.0",
+                    extra: dict | None = None) -> list[dict]:
+    """On rank 0's node: answer `peers` handshakes with our versions (plus `extra`); returns what peers sent."""
     seen: list[dict] = []
     with socket.create_server((host, port), reuse_port=False) as server:
         server.settimeout(timeout)
@@ -126,7 +150,11 @@ def serve_handshake(port: int, peers: int, timeout: float, host: str = "0.0.0.0"
                 break
             with conn:
                 peer = json.loads(conn.makefile().readline() or "{}")
-                conn.sendall((json.dumps(versions()) + "\n").encode())
+                conn.sendall((json.dumps({**versions(), **(extra or {})}) + "\n").encode())
+                # The peer looks for the marker file before it hangs up: keep the file until then.
+                conn.settimeout(10)
+                with contextlib.suppress(OSError):
+                    conn.recv(1)
                 seen.append({"addr": addr[0], **peer})
     return seen
 
@@ -135,7 +163,10 @@ def handshake(master_addr: str, port: int, timeout: float) -> dict:
     """On the other nodes: connect to rank 0's handshake, send our versions, get rank 0's."""
     with socket.create_connection((master_addr, port), timeout=timeout) as conn:
         conn.sendall((json.dumps(versions()) + "\n").encode())
-        return json.loads(conn.makefile().readline())
+        theirs = json.loads(conn.makefile().readline())
+        if theirs.get("checkpoint_marker"):  # checked while rank 0 still holds the file
+            theirs["checkpoint_marker_seen"] = Path(theirs["checkpoint_marker"]).is_file()
+        return theirs
 
 
 def check_master(report: Report, master_addr: str, port: int, timeout: float) -> None:
@@ -151,6 +182,14 @@ def check_master(report: Report, master_addr: str, port: int, timeout: float) ->
     diff = {k: (ours[k], theirs.get(k)) for k in ours if theirs.get(k) != ours[k]}
     report.add("versions match rank 0", "fail" if diff else "ok",
                ", ".join(f"{k}: here {a}, rank 0 {b}" for k, (a, b) in diff.items()) or "identical")
+    marker = theirs.get("checkpoint_marker")
+    if marker:
+        shared = bool(theirs.get("checkpoint_marker_seen"))
+        report.add("shared checkpoint dir", "ok" if shared else "fail",
+                   f"rank 0's {Path(marker).parent} is visible here" if shared else
+                   f"rank 0's checkpoint directory {Path(marker).parent} is not visible on this node: every rank "
+                   "writes into the same checkpoint directory, so it must be on a shared file system (NFS, "
+                   "Lustre, ...) mounted at the same path on every node")
 
 
 def run_doctor(cfg: PipelineConfig, master_addr: str | None = None, port: int = 29500,
@@ -160,19 +199,33 @@ def run_doctor(cfg: PipelineConfig, master_addr: str | None = None, port: int = 
     report.add("versions", "ok", ", ".join(f"{k} {val}" for k, val in v.items()))
     report.add("python executable", "ok", sys.executable)
     check_disk(report, cfg)
+    check_timeout(report, cfg)
     check_env(report, master_addr)
     if master_addr:
         check_master(report, master_addr, port, timeout)
     return report
 
 
-def serve(port: int, peers: int, timeout: float) -> Report:
+def serve(port: int, peers: int, timeout: float, checkpoint_dir: str | Path | None = None) -> Report:
+    """Rank 0's side. With `checkpoint_dir`, a marker file there lets each peer check it shares the directory."""
     report = Report()
+    marker = None
+    if checkpoint_dir is not None:
+        marker = Path(checkpoint_dir) / f".doctor-{uuid.uuid4().hex[:12]}"
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text("written by `bertscale doctor --serve`; safe to delete\n")
+        except OSError as e:
+            report.add("checkpoint dir", "fail", f"cannot write to {marker.parent}: {e.strerror}")
+            marker = None
     try:
-        seen = serve_handshake(port, peers, timeout)
+        seen = serve_handshake(port, peers, timeout, extra={"checkpoint_marker": str(marker)} if marker else None)
     except OSError as e:
         report.add("master port", "fail", f"cannot listen on port {port}: {e} (in use, or not permitted)")
         return report
+    finally:
+        if marker is not None:
+            marker.unlink(missing_ok=True)
     ours = versions()
     report.add("peers", "ok" if len(seen) == peers else "fail", f"{len(seen)} of {peers} peers reached port {port}")
     for peer in seen:

@@ -6,9 +6,11 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 
 from bertscale.config import load_config
 from bertscale.errors import BertscaleError
+from bertscale.train.distributed import PeerLostError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,9 +33,21 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = pretrain(load_config(args.config, args.overrides), data=args.data, tokenizer=args.tokenizer)
+    except PeerLostError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Skip interpreter teardown: destroying a process group whose peer is gone can block on it.
+        os._exit(e.exit_code)
     except BertscaleError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception:
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            raise
+        # A bug on one rank of several: print it, and exit without the teardown that can wait on the others.
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
     if rank == "0":
         print(result.summary(), flush=True)
     # A signal-stopped run is not finished: say so to the launcher/scheduler (128 + SIGTERM).

@@ -4,19 +4,31 @@ Launchers describe a process in different variables: the DeepSpeed launcher and 
 LOCAL_RANK, SLURM's srun sets SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, and a bare `python` sets nothing (a
 single rank that starts its own one-process group). This module is the only place outside DeepSpeed that calls
 `torch.distributed`.
+
+Failure of a peer: the process group is created with the configured collective timeout, so a collective never
+waits longer than that for a dead host or a cut link. With gloo a killed peer is usually seen at once (its TCP
+connection closes); a silent peer (link down, host frozen) is seen when the timeout expires. `peer_failure`
+turns either into a `PeerLostError` with one clear line naming the peer, and the rank exits with
+`EXIT_PEER_LOST` so launchers and schedulers can tell "restart me" from a bug.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import socket
-from collections.abc import Mapping
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from bertscale.errors import BertscaleError
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +83,10 @@ def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     return DistEnv(master_addr=addr, master_port=port)
 
 
-def init(env: DistEnv) -> bool:
+def init(env: DistEnv, timeout_s: float = 1800.0) -> bool:
     """Join (or start) the process group; returns True if this call created it.
 
+    `timeout_s` bounds every collective (and the start-up rendezvous): a peer silent for longer is an error.
     The torch-style variables are exported too, because DeepSpeed reads them when it wraps the group.
     """
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
@@ -87,7 +100,7 @@ def init(env: DistEnv) -> bool:
     if backend == "nccl":
         torch.cuda.set_device(env.device())
     dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}", rank=env.rank,
-                            world_size=env.world_size, timeout=timedelta(minutes=30))
+                            world_size=env.world_size, timeout=timedelta(seconds=timeout_s))
     log.debug("rank %d/%d joined a %s group at %s:%d", env.rank, env.world_size, backend, env.master_addr,
               env.master_port)
     return True
@@ -116,3 +129,143 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj: object) -> list[object]:
+    """Every rank's value of a small picklable object, in rank order, on every rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Peer failures
+# ----------------------------------------------------------------------------------------------------------------
+# Exit status of a rank whose peer died or went silent: EX_TEMPFAIL from sysexits.h ("try again later"), since
+# the job resumes from its last checkpoint once every host is back.
+EXIT_PEER_LOST = 75
+
+# What gloo and NCCL say when a peer is gone (connection closed/reset), unreachable (this host's link is down:
+# a send fails at once) or silent (timeout).
+_LOST = re.compile(r"connection (closed|reset)|broken pipe|connection refused|socket closed|remote worker crash"
+                   r"|network is unreachable|no route to host|host is unreachable"
+                   r"|nccl.*(remote|unhandled system error)|ncclRemoteError", re.I)
+_TIMEOUT = re.compile(r"timed out|timeout|deadline exceeded", re.I)
+_ADDRESS = re.compile(r"\[?(\d{1,3}(?:\.\d{1,3}){3})\]?:\d+")
+
+
+class PeerLostError(BertscaleError):
+    """A peer rank died or stopped answering; the job must be restarted from its last checkpoint."""
+
+    exit_code = EXIT_PEER_LOST
+
+
+def local_address(master_addr: str) -> str:
+    """This host's address towards the master: the gloo/NCCL interface's IPv4 if one is named, else the source
+    address the kernel picks for the master (a UDP connect sends nothing)."""
+    import psutil
+
+    ifname = os.environ.get("GLOO_SOCKET_IFNAME") or os.environ.get("NCCL_SOCKET_IFNAME") or ""
+    for addr in psutil.net_if_addrs().get(ifname.split(",")[0], []):
+        if addr.family == socket.AF_INET:
+            return str(addr.address)
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((master_addr, 9))
+        return str(s.getsockname()[0])
+    return socket.gethostname()
+
+
+def gather_addresses(env: DistEnv) -> list[str]:
+    """Every rank's address, in rank order (so an error can say which host went away)."""
+    return [str(a) for a in all_gather_object(local_address(env.master_addr))]
+
+
+def classify_comm_error(error: BaseException) -> str | None:
+    """'timeout' (a silent peer), 'lost' (a peer's connection closed), or None (not a communication failure)."""
+    if not isinstance(error, RuntimeError):
+        return None
+    text = str(error)
+    if _LOST.search(text):
+        return "lost"
+    if _TIMEOUT.search(text) and ("gloo" in text.lower() or "recv" in text or "send" in text
+                                  or isinstance(error, dist.DistError)):
+        return "timeout"
+    return None
+
+
+def describe_peer_failure(error: BaseException, kind: str, env: DistEnv, addresses: list[str], where: str,
+                          timeout_s: float, resume_hint: str) -> str:
+    """One line: which peer, during what, how it failed, and how to resume."""
+    match = _ADDRESS.search(str(error))
+    others = [r for r in range(env.world_size) if r != env.rank]
+    if match and match.group(1) in addresses:
+        ranks = [r for r, a in enumerate(addresses) if a == match.group(1) and r != env.rank] or others
+    else:
+        ranks = others if len(others) == 1 else []
+    if ranks:
+        peer = f"rank {ranks[0]} at {addresses[ranks[0]]}" if ranks[0] < len(addresses) else f"rank {ranks[0]}"
+    else:
+        peer = "a peer rank"
+    how = (f"collective timed out after {timeout_s:g} s" if kind == "timeout"
+           else f"connection failed: {_first_sentence(error)}")
+    verb = "stopped responding" if kind == "timeout" else "was lost"
+    return f"{peer} {verb} during {where} ({how}); {resume_hint}"
+
+
+def _first_sentence(error: BaseException) -> str:
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip())  # drop gloo's "[file.cc:123]" prefix
+    return text.split(". ")[0].strip()[:200]
+
+
+@contextlib.contextmanager
+def peer_failure(env: DistEnv, addresses: list[str], where: Callable[[], str], timeout_s: float,
+                 resume_hint: Callable[[], str]) -> Iterator[None]:
+    """Turn a communication failure inside the block into a `PeerLostError`; anything else passes through."""
+    try:
+        yield
+    except RuntimeError as e:
+        kind = classify_comm_error(e)
+        if kind is None or env.world_size == 1:
+            raise
+        raise PeerLostError(describe_peer_failure(e, kind, env, addresses, where(), timeout_s, resume_hint())
+                            ) from e
+
+
+class Watchdog:
+    """A last line of defence behind the collective timeout: if the training loop makes no progress for
+    `factor` x the timeout (a collective blocked somewhere the backend's own timeout does not reach, seen with
+    gloo when a link goes down mid-transfer), print one line and exit with `EXIT_PEER_LOST`.
+
+    The loop calls `beat(where)` at every step and around checkpoints; `stop()` ends the thread."""
+
+    def __init__(self, timeout_s: float, resume_hint: Callable[[], str], factor: float = 2.0) -> None:
+        import threading
+
+        self.limit = timeout_s * factor
+        self.timeout_s = timeout_s
+        self.resume_hint = resume_hint
+        self.where = "start-up"
+        self.last = time.monotonic()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="bertscale-watchdog", daemon=True)
+
+    def start(self) -> "Watchdog":
+        self._thread.start()
+        return self
+
+    def beat(self, where: str) -> None:
+        self.where, self.last = where, time.monotonic()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(min(self.limit / 10, 5.0)):
+            idle = time.monotonic() - self.last
+            if idle >= self.limit:
+                print(f"error: a peer stopped responding during {self.where} (no progress for {idle:.0f} s, over "
+                      f"twice train.collective_timeout_s={self.timeout_s:g} s); {self.resume_hint()}",
+                      file=sys.stderr, flush=True)
+                os._exit(EXIT_PEER_LOST)  # the main thread is stuck in the backend: no clean way out

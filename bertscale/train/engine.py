@@ -30,7 +30,13 @@ from bertscale import tracking
 from bertscale.config import PipelineConfig, TrainConfig
 from bertscale.errors import BertscaleError, ConfigError
 from bertscale.train import distributed, schedule
-from bertscale.train.checkpoint import CheckpointManager, StopSignal, copy_tokenizer_files, export_checkpoint
+from bertscale.train.checkpoint import (
+    CheckpointManager,
+    CheckpointSaveError,
+    StopSignal,
+    copy_tokenizer_files,
+    export_checkpoint,
+)
 from bertscale.train.distributed import DistEnv
 from bertscale.train.optim import build_optimizer
 
@@ -82,8 +88,9 @@ def base_ds_config(zero_stage: int, path: str | Path | None = None) -> dict:
         raise ConfigError(f"DeepSpeed config {p} is not valid JSON: {e}") from None
 
 
-def build_ds_config(train: TrainConfig, world_size: int, on_gpu: bool) -> dict:
-    """Our TrainConfig merged over the base config; the fields we own always win."""
+def build_ds_config(train: TrainConfig, world_size: int, on_gpu: bool, load_universal: bool = False) -> dict:
+    """Our TrainConfig merged over the base config; the fields we own always win. `load_universal` makes
+    `load_checkpoint` read a universal checkpoint (an elastic restart)."""
     if train.precision == "fp16" and not on_gpu:
         raise ConfigError("train.precision=fp16 needs a GPU (no fp16 loss scaling on CPU): use bf16 or fp32")
     ds = base_ds_config(train.zero_stage, train.ds_config)
@@ -97,6 +104,8 @@ def build_ds_config(train: TrainConfig, world_size: int, on_gpu: bool) -> dict:
         zero_allow_untested_optimizer=True,
         zero_force_ds_cpu_optimizer=False,
     )
+    if load_universal:
+        ds.setdefault("checkpoint", {})["load_universal"] = True
     ds["bf16"] = {"enabled": train.precision == "bf16"}
     ds["fp16"] = {"enabled": train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                   "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
@@ -366,19 +375,27 @@ class Trainer:
     """Owns the engine, phases, checkpoints and counters of one rank."""
 
     def __init__(self, cfg: PipelineConfig, env: DistEnv, engine: Any, phases: list[Phase], tok: Any,
-                 model_cfg: Any, out: Path) -> None:
+                 model_cfg: Any, out: Path, addresses: list[str] | None = None,
+                 ckpt: CheckpointManager | None = None) -> None:
         self.cfg, self.t, self.env, self.engine, self.phases, self.tok = cfg, cfg.train, env, engine, phases, tok
         self.model_cfg, self.out = model_cfg, out
-        self.ckpt = CheckpointManager(out / "checkpoints", self.t.keep_checkpoints, env)
+        self.addresses = addresses or [env.master_addr]
+        self.ckpt = ckpt or CheckpointManager(out / "checkpoints", self.t.keep_checkpoints, env)
         self.bad = BadSteps(self.t.max_bad_steps)
         self.step = 0
+        self.failed_saves = 0  # in a row
+        self.watchdog: distributed.Watchdog | None = None
         self.last_checkpoint: Path | None = None
         self.last_metrics: dict[str, float] = {}
 
     # --- state -------------------------------------------------------------------------------------------------
-    def resume(self) -> None:
-        tag = self.ckpt.latest() if self.t.resume else None
+    def resume(self, tag: str | None, universal: Path | None = None) -> None:
+        """Restore checkpoint `tag` (None: start fresh); from its `universal` conversion when it was written by a
+        different number of ranks."""
         if tag is None:
+            return
+        if universal is not None:
+            self.resume_elastic(tag, universal)
             return
         trainer_state, rank_state = self.ckpt.load(self.engine, tag)
         self.step = int(trainer_state["step"])
@@ -393,13 +410,49 @@ class Trainer:
         if self.env.is_main:
             log.info("resumed from %s at step %d", self.last_checkpoint, self.step)
 
-    def save(self) -> None:
+    def beat(self, where: str) -> None:
+        if self.watchdog is not None:
+            self.watchdog.beat(where)
+
+    def resume_elastic(self, tag: str, universal: Path) -> None:
+        """Resume on a new number of ranks: weights, Adam moments and the LR schedule from the universal
+        checkpoint; each phase's data position re-split over the new ranks; fresh dropout and masking streams."""
+        trainer_state, rank0 = self.ckpt.load_universal(self.engine, tag, universal)
+        self.step = int(trainer_state["step"])
+        self.bad.total = int(trainer_state.get("skipped_micro_batches", 0))
+        old_world = int(trainer_state["world_size"])
+        for phase, state in zip(self.phases, rank0["loaders"]):
+            phase.loader.load_state_dict(reshard_loader_state(state, old_world, self.env.world_size))
+        # Continuing the old per-rank streams is impossible with other ranks; a step-dependent seed at least
+        # keeps the dropout masks from replaying those of step 0.
+        torch.manual_seed(self.t.seed + 1 + self.env.rank + 7919 * self.step)
+        self.last_checkpoint = self.ckpt.root / tag
+        if self.env.is_main:
+            log.warning("elastic restart: resumed %s (written by %d ranks) on %d ranks at step %d via the "
+                        "universal checkpoint %s; data order continues approximately (see docs/multinode.md)",
+                        self.last_checkpoint, old_world, self.env.world_size, self.step, universal)
+
+    def save(self, final: bool = False) -> None:
+        """Checkpoint this step. A failed save only warns while `save_failures_tolerated` allows and it is not
+        the final one: training goes on from intact state and the next checkpoint retries."""
         if self.last_checkpoint is not None and self.last_checkpoint.name == f"step{self.step:08d}":
             return  # already saved at this step
         state = {"skipped_micro_batches": self.bad.total, "world_size": self.env.world_size,
                  "zero_stage": self.t.zero_stage, "seq_lengths": [p.seq_len for p in self.phases]}
         loaders = {"loaders": [p.loader.state_dict() for p in self.phases]}
-        self.last_checkpoint = self.ckpt.save(self.engine, self.step, state, loaders, self.model_cfg.to_dict())
+        self.beat(f"the checkpoint save at step {self.step}")
+        try:
+            self.last_checkpoint = self.ckpt.save(self.engine, self.step, state, loaders, self.model_cfg.to_dict())
+        except CheckpointSaveError as e:
+            self.failed_saves += 1
+            if final or self.failed_saves > self.t.save_failures_tolerated:
+                raise
+            if self.env.is_main:
+                log.warning("%s; training continues and retries at the next checkpoint (%d of %d failed saves in "
+                            "a row tolerated, train.save_failures_tolerated)", e, self.failed_saves,
+                            self.t.save_failures_tolerated)
+            return
+        self.failed_saves = 0
 
     # --- one optimizer step ------------------------------------------------------------------------------------
     def train_step(self, phase: Phase) -> dict[str, float]:
@@ -443,6 +496,7 @@ class Trainer:
         boundaries = [p.start for p in self.phases]
         with StopSignal() as stop:
             while self.step < self.t.max_steps:
+                self.beat(f"step {self.step + 1}")
                 phase = self.phases[schedule.phase_at(self.step, boundaries)]
                 metrics = self.train_step(phase)
                 self.step += 1
@@ -465,22 +519,34 @@ class Trainer:
             self.last_metrics.update(metrics)
             sink.log(self.step, metrics, "train")
         if self.step % self.t.eval_every == 0 or last:
+            self.beat(f"the evaluation at step {self.step}")
             ev = evaluate(self.engine, phase, self.cfg, self.tok, self.env)
             if ev:
                 self.last_metrics.update({f"eval_{k}": v for k, v in ev.items()})
                 sink.log(self.step, ev, "eval")
 
 
+def reshard_loader_state(state: dict, old_world: int, new_world: int) -> dict:
+    """A loader state for `new_world` ranks that continues the epoch where `old_world` ranks stopped.
+
+    Rank r of W reads positions r, r+W, ... of the epoch's permutation, so after p instances per rank the job
+    has read the first p*W. With W' ranks each starts at p*W // W' (exact when W' divides p*W, else a few
+    instances are read twice). The masking stream restarts from the new ranks' seeds."""
+    consumed = int(state["position"]) * old_world
+    return {"epoch": int(state["epoch"]), "position": consumed // new_world, "seed": state["seed"],
+            "world_size": new_world, "collator": None}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------------------------
-def initialize(model: torch.nn.Module, cfg: PipelineConfig, env: DistEnv) -> Any:
+def initialize(model: torch.nn.Module, cfg: PipelineConfig, env: DistEnv, load_universal: bool = False) -> Any:
     """deepspeed.initialize with our client optimizer and a LambdaLR that DeepSpeed steps with the optimizer."""
     import deepspeed
 
     t = cfg.train
     device = env.device()
-    ds_config = build_ds_config(t, env.world_size, device.type == "cuda")
+    ds_config = build_ds_config(t, env.world_size, device.type == "cuda", load_universal)
     optimizer = build_optimizer(model, t, device)
     lr_fn = partial(schedule.lr_factor, warmup_steps=t.warmup_steps, total_steps=t.max_steps, decay=t.decay,
                     power=t.poly_power)
@@ -504,7 +570,7 @@ def pretrain(cfg: PipelineConfig, data: str | Path | None = None, tokenizer: str
     from bertscale.tokenizer import load_tokenizer
 
     env = distributed.read_env()
-    distributed.init(env)
+    distributed.init(env, cfg.train.collective_timeout_s)
     _quiet_other_ranks(env)
     data_dir = Path(data) if data else cfg.stage_dir("data")
     tok_dir = Path(tokenizer) if tokenizer else cfg.stage_dir("tokenizer")
@@ -513,11 +579,17 @@ def pretrain(cfg: PipelineConfig, data: str | Path | None = None, tokenizer: str
     tok = load_tokenizer(tok_dir)
     model_cfg = config_from_pipeline(cfg, tok.get_vocab_size(with_added_tokens=True))
     phases = load_phases(cfg, data_dir, tok, env, model_cfg.max_position_embeddings)
+    addresses = distributed.gather_addresses(env) if env.world_size > 1 else [env.master_addr]
+    if env.is_main and env.world_size > 1:
+        log.info("%d ranks: %s", env.world_size, ", ".join(f"rank {r} at {a}" for r, a in enumerate(addresses)))
+    ckpt = CheckpointManager(out / "checkpoints", cfg.train.keep_checkpoints, env)
+    tag, universal = plan_resume(cfg, env, ckpt)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    engine = initialize(BertForPreTraining(model_cfg), cfg, env)
+    engine = initialize(BertForPreTraining(model_cfg), cfg, env, load_universal=universal is not None)
     torch.manual_seed(cfg.train.seed + 1 + env.rank)  # per-rank dropout streams (restored on resume)
-    trainer = Trainer(cfg, env, engine, phases, tok, model_cfg, out)
-    trainer.resume()
+    trainer = Trainer(cfg, env, engine, phases, tok, model_cfg, out, addresses, ckpt)
+    with peer_failure(trainer, "resume"):
+        trainer.resume(tag, universal)
     run_id = os.environ.get("BERTSCALE_MLFLOW_RUN_ID") if env.is_main and cfg.tracking.enabled else None
     if run_id:
         with tracking.stage_run(cfg, "pretrain", run_id=run_id):
@@ -525,22 +597,56 @@ def pretrain(cfg: PipelineConfig, data: str | Path | None = None, tokenizer: str
     return _train(trainer, tok_dir)
 
 
+def plan_resume(cfg: PipelineConfig, env: DistEnv, ckpt: CheckpointManager) -> tuple[str | None, Path | None]:
+    """(checkpoint to resume, its universal conversion if it was written by another number of ranks); decided
+    before the engine exists, since loading a universal checkpoint is an engine setting."""
+    tag = ckpt.select() if cfg.train.resume else None
+    if tag is None or ckpt.saved_world_size(tag) == env.world_size:
+        return tag, None
+    return tag, ckpt.to_universal(tag, int(ckpt.trainer_state(tag).get("zero_stage", cfg.train.zero_stage)))
+
+
+def peer_failure(trainer: Trainer, during: str | None = None) -> Any:
+    """Communication failures inside the block become a one-line `PeerLostError` naming the peer, the step and
+    the checkpoint the job will resume from."""
+    def where() -> str:
+        return during or f"step {trainer.step + 1}"
+
+    return distributed.peer_failure(trainer.env, trainer.addresses, where, trainer.t.collective_timeout_s,
+                                    partial(resume_hint, trainer))
+
+
+def resume_hint(trainer: Trainer) -> str:
+    """How to recover: which checkpoint a restart resumes from."""
+    if trainer.last_checkpoint is None:
+        return "no checkpoint was written yet: restart the job on every node to start over"
+    return (f"restart the job on every node: it resumes from {trainer.last_checkpoint} "
+            f"(step {int(trainer.last_checkpoint.name.removeprefix('step'))})")
+
+
 def _train(trainer: Trainer, tok_dir: Path) -> TrainResult:
     """The loop, the final checkpoint and (rank 0) the HF export; a signal-stopped run skips the export so it
     exits while the scheduler's grace period lasts."""
     cfg, env, out = trainer.cfg, trainer.env, trainer.out
     device = env.device()
-    throughput = {p.seq_len: make_throughput(trainer.model_cfg, p.seq_len, cfg.train, device, env.world_size)
-                  for p in trainer.phases}
+    # The CPU peak probe draws random matrices: keep it off the RNG stream a resumed run has just restored.
+    with torch.random.fork_rng(devices=[]):
+        throughput = {p.seq_len: make_throughput(trainer.model_cfg, p.seq_len, cfg.train, device, env.world_size)
+                      for p in trainer.phases}
     sink = MetricsSink(out, env, trainer.step, cfg.train.max_steps)
     if sink.mlflow:
         tracking.set_tags({"pretrain.world_size": env.world_size, "pretrain.zero_stage": cfg.train.zero_stage,
                            "pretrain.precision": cfg.train.precision, "pretrain.device": device.type})
+    if env.world_size > 1:
+        trainer.watchdog = distributed.Watchdog(cfg.train.collective_timeout_s, partial(resume_hint, trainer)).start()
     try:
-        stopped = trainer.run(sink, throughput)
-        trainer.save()
+        with peer_failure(trainer):
+            stopped = trainer.run(sink, throughput)
+            trainer.save(final=True)
     finally:
         sink.close()
+        if trainer.watchdog is not None:  # rank 0's export below may keep the others waiting: not a failure
+            trainer.watchdog.stop()
     hf_dir = None
     if env.is_main and stopped != "signal" and trainer.last_checkpoint is not None:
         hf_dir = export_checkpoint(trainer.last_checkpoint, out / "hf")

@@ -136,3 +136,50 @@ def test_time_budget_and_checkpoint_minutes_raise_the_control_flags():
     stop = StopSignal()
     stop.received = 15
     assert Trainer.control(SimpleNamespace(t=TrainConfig()), stop, now, now) == (True, False, False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Peer failures and elastic restarts
+# ----------------------------------------------------------------------------------------------------------------
+GLOO_CLOSED = ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+               "[10.77.0.2]:5011. This is typically caused by a remote worker crashing.")
+GLOO_TIMEOUT = "[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 20000ms for recv"
+
+
+def test_communication_failures_are_classified():
+    from bertscale.train.distributed import classify_comm_error
+
+    assert classify_comm_error(RuntimeError(GLOO_CLOSED)) == "lost"
+    assert classify_comm_error(RuntimeError(GLOO_TIMEOUT)) == "timeout"
+    assert classify_comm_error(RuntimeError("Read error [10.77.0.1]:5011: Network is unreachable")) == "lost"
+    assert classify_comm_error(RuntimeError("shape mismatch in matmul")) is None
+    assert classify_comm_error(ValueError(GLOO_CLOSED)) is None
+
+
+def test_peer_failure_becomes_one_clear_line_naming_the_peer():
+    from bertscale.train.distributed import EXIT_PEER_LOST, DistEnv, PeerLostError, peer_failure
+
+    env = DistEnv(rank=0, world_size=2)
+    with pytest.raises(PeerLostError) as err, peer_failure(env, ["10.77.0.1", "10.77.0.2"], lambda: "step 12", 20,
+                                                           lambda: "resume with the same command"):
+        raise RuntimeError(GLOO_TIMEOUT)
+    assert str(err.value) == ("rank 1 at 10.77.0.2 stopped responding during step 12 (collective timed out after "
+                              "20 s); resume with the same command")
+    assert err.value.exit_code == EXIT_PEER_LOST
+    four = DistEnv(rank=3, world_size=4)
+    with pytest.raises(PeerLostError, match=r"^rank 1 at 10.77.0.2 was lost during step 3 \(connection failed: "
+                       r"Connection closed by peer \[10.77.0.2\]:5011\)"), \
+            peer_failure(four, ["10.77.0.1", "10.77.0.2", "10.77.0.1", "10.77.0.3"], lambda: "step 3", 5, lambda: "x"):
+        raise RuntimeError(GLOO_CLOSED)
+    with pytest.raises(RuntimeError, match="shape"), peer_failure(env, [], lambda: "", 1, lambda: ""):
+        raise RuntimeError("shape mismatch")  # a bug stays a traceback
+
+
+@pytest.mark.parametrize(("position", "old", "new", "expected"), [(48, 2, 1, 96), (96, 1, 2, 48), (10, 3, 2, 15)])
+def test_loader_position_is_resplit_over_a_new_world_size(position, old, new, expected):
+    from bertscale.train.engine import reshard_loader_state
+
+    state = {"epoch": 2, "position": position, "seed": 7, "world_size": old, "collator": {"rng": 1}}
+    got = reshard_loader_state(state, old, new)
+    assert got == {"epoch": 2, "position": expected, "seed": 7, "world_size": new, "collator": None}
+    assert got["position"] * new <= position * old  # never skips data, at most re-reads fewer than `new`
