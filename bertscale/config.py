@@ -257,6 +257,10 @@ class FinetuneConfig(Section):
     max_train_examples: int | None = Field(None, ge=1, description="Truncate training sets (debug runs).")
     max_eval_examples: int | None = Field(None, ge=1, description="Truncate dev sets (debug runs).")
     register_models: bool = Field(True, description="Register the best model per task in the MLflow Model Registry.")
+    zero_stage: Literal[0, 1, 2] | None = Field(
+        None, description="Train through DeepSpeed with this ZeRO stage (one process); None = plain torch loop."
+    )
+    allow_pickle: bool = Field(False, description="Load pytorch_model.bin checkpoints (pickle: only trusted files).")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from bertscale import tracking
 from bertscale.config import FinetuneConfig, PipelineConfig
 from bertscale.errors import ConfigError, InputError
 from bertscale.finetune import metrics as M
-from bertscale.finetune.tasks import Hparams, TaskSpec, get_task, hparams_for
+from bertscale.finetune.tasks import GLUE_TASKS, Hparams, TaskSpec, get_task, hparams_for
 from bertscale.finetune.trainer import TaskResult, finetune_task
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,8 @@ class Job:
     precision: str
     group_by_length: bool
     predict_test: bool
+    zero_stage: int | None = None
+    allow_pickle: bool = False
 
 
 @dataclass
@@ -73,12 +75,18 @@ class SuiteResult:
     glue_average: float
     output_dir: str
     registered: dict[str, str] = field(default_factory=dict)  # registered model name -> version
+    promotions: dict[str, str] = field(default_factory=dict)  # registered model name -> the gate's decision
     submission_dir: str | None = None
     mlflow_run_id: str | None = None
 
     def task_scores(self) -> dict[str, float]:
         """Median score per evaluation entry (MNLI-m and MNLI-mm separately), as the GLUE average takes them."""
         return {split: stats["score"][0] for s in self.tasks.values() for split, stats in s.stats.items()}
+
+    def glue_scores(self) -> dict[str, float]:
+        """`task_scores` restricted to GLUE tasks: users' own tasks never enter the GLUE average."""
+        return {split: stats["score"][0] for s in self.tasks.values() if s.task in GLUE_TASKS
+                for split, stats in s.stats.items()}
 
     def table(self) -> str:
         """Markdown: one row per evaluation, metrics x100 as median ± spread over seeds."""
@@ -97,13 +105,15 @@ class SuiteResult:
         parts = [self.table(), "", f"outputs: {self.output_dir}"]
         if self.submission_dir:
             parts.append(f"test predictions (GLUE submission format): {self.submission_dir}")
-        parts += [f"registered model: models:/{name}/{version}" for name, version in self.registered.items()]
+        parts += [f"registered model: models:/{name}/{version} ({self.promotions.get(name, 'not gated')})"
+                  for name, version in self.registered.items()]
         return "\n".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for flows and JSON: table, scores, best model dirs, registered versions."""
         return {"output_dir": self.output_dir, "table": self.table(), "glue_average": self.glue_average,
-                "scores": self.task_scores(), "registered": self.registered, "submission_dir": self.submission_dir,
+                "scores": self.task_scores(), "registered": self.registered, "promotions": self.promotions,
+                "submission_dir": self.submission_dir,
                 "best_models": {t: s.best.model_dir for t, s in self.tasks.items()},
                 "mlflow_run_id": self.mlflow_run_id}
 
@@ -180,7 +190,7 @@ def build_jobs(cfg: PipelineConfig, model_path: Path, tokenizer: Path, out: Path
                 jobs.append(Job(task, hp, seed, str(model_path), str(tokenizer),
                                 str(out / task.name / _point_name(hp) / f"seed{seed}"), ft.glue_dir,
                                 ft.max_train_examples, ft.max_eval_examples, ft.precision, ft.group_by_length,
-                                ft.predict_test))
+                                ft.predict_test, ft.zero_stage, ft.allow_pickle))
     return jobs
 
 
@@ -192,7 +202,8 @@ def run_job(job: Job) -> TaskResult:
     return finetune_task(job.task, job.model_path, job.tokenizer, job.hparams, job.seed, data_dir=job.data_dir,
                          output_dir=job.output_dir, max_train_examples=job.max_train_examples,
                          max_eval_examples=job.max_eval_examples, precision=job.precision,
-                         group_by_length=job.group_by_length, predict_test=job.predict_test)
+                         group_by_length=job.group_by_length, predict_test=job.predict_test,
+                         zero_stage=job.zero_stage, allow_pickle=job.allow_pickle)
 
 
 def _init_worker(threads: int) -> None:
@@ -335,7 +346,11 @@ def log_suite(cfg: PipelineConfig, result: SuiteResult, results: list[TaskResult
         s = best_ids.get(id(r))
         _, version = _log_run(cfg, r, lineage, s)
         if s is not None and version:
-            result.registered[f"{cfg.name}-{s.task}"] = version
+            name = f"{cfg.name}-{s.task}"
+            result.registered[name] = version
+            # The new version is the challenger; it becomes the champion only past the configured margin.
+            gate = tracking.promote(name, version, cfg.registry.margin, cfg.registry.higher_is_better)
+            result.promotions[name] = ("champion: " if gate.promoted else "challenger: ") + gate.reason
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     for s in result.tasks.values():
@@ -379,7 +394,7 @@ def run_finetune(cfg: PipelineConfig, checkpoint: str | None = None, tokenizer: 
         results = run_jobs(jobs, cfg.finetune.num_workers)
         summaries = summarize(results)
         result = SuiteResult(summaries, 0.0, str(out), mlflow_run_id=run_id)
-        result.glue_average = M.glue_average(result.task_scores())
+        result.glue_average = M.glue_average(result.glue_scores())
         result.submission_dir = str(sub) if (sub := collect_submission(summaries, out)) else None
         if run_id is not None:
             log_suite(cfg, result, results, lineage, out)

@@ -3,6 +3,7 @@
 Speed on CPU comes from four places, each cheap to reason about: examples are batched with others of similar
 length (sorted within shuffled mega-batches), so dynamic padding pads little; the model drops padding tokens
 internally (`BertConfig.unpad`); matmuls run under bf16 autocast; AdamW is torch's fused kernel where available.
+The optimizer step can instead go through a DeepSpeed engine (`zero_stage`), built by the pretraining engine.
 """
 
 from __future__ import annotations
@@ -115,12 +116,19 @@ def encode_split(split: LoadedSplit | "datasets.Dataset", tok: "Tokenizer", name
                    [e.type_ids for e in encodings], labels)
 
 
-def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, mega: int = 50) -> list[list[int]]:
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int,
+                           mega: int | None = None) -> list[list[int]]:
     """Shuffled batches of similar-length examples: shuffle, sort within mega-batches of `mega` batches, split,
-    then shuffle the batch order so that length does not follow a schedule. Every index appears exactly once."""
+    then shuffle the batch order so that length does not follow a schedule. Every index appears exactly once.
+
+    `mega` defaults to 50 batches, but to at most a quarter of the data (transformers' LengthGroupedSampler rule):
+    sorting a small training set whole would make every batch one length band and cost accuracy.
+    """
     rng = random.Random(seed)
     order = list(range(len(lengths)))
     rng.shuffle(order)
+    if mega is None:
+        mega = max(1, min(50, len(order) // (4 * batch_size)))
     span = batch_size * mega
     batches = []
     for start in range(0, len(order), span):
@@ -192,6 +200,62 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+class PlainStepper:
+    """Forward, backward and an optimizer step in plain torch: clipped AdamW with a linear schedule."""
+
+    def __init__(self, model: nn.Module, hp: Hparams, total: int) -> None:
+        self.model = model
+        self.opt = build_optimizer(model, hp)
+        self.sched = linear_schedule(self.opt, int(hp.warmup_ratio * total), total)
+
+    def __call__(self, **batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model(**batch)
+
+    def step(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def lr(self) -> float:
+        return self.sched.get_last_lr()[0]
+
+
+class DeepSpeedStepper:
+    """The same step through a DeepSpeed engine (ZeRO 0-2), built by the pretraining engine's `initialize` from
+    an equivalent train section, so that DeepSpeed stays imported in one place. One process: the fine-tuning
+    data is not sharded over ranks."""
+
+    def __init__(self, model: nn.Module, hp: Hparams, total: int, zero_stage: int, precision: str) -> None:
+        from bertscale.config import PipelineConfig
+        from bertscale.train import distributed
+        from bertscale.train.engine import initialize
+
+        env = distributed.read_env()
+        if env.world_size != 1:
+            raise ConfigError(f"fine-tuning with finetune.zero_stage runs in one process, not {env.world_size} "
+                              "ranks: start it without a distributed launcher")
+        distributed.init(env)
+        cfg = PipelineConfig.model_validate({"train": {
+            "zero_stage": zero_stage, "precision": precision, "optimizer": "adamw", "lr": hp.lr,
+            "weight_decay": hp.weight_decay, "eps": 1e-6, "warmup_steps": int(hp.warmup_ratio * total),
+            "decay": "linear", "micro_batch_size": hp.batch_size, "grad_accum": 1, "max_steps": total,
+            "grad_clip": 1.0}})
+        self.engine = initialize(model, cfg, env)
+
+    def __call__(self, **batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.engine(**batch)
+
+    def step(self, loss: torch.Tensor) -> None:
+        # DeepSpeed clips, steps the optimizer and the schedule, and zeroes the gradients.
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation and prediction
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,7 +319,7 @@ class LoopState:
     confusion: dict[str, list[list[int]]] = field(default_factory=dict)
 
 
-def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, batches: list[list[int]],
+def _train_epoch(model: nn.Module, stepper: PlainStepper | DeepSpeedStepper, batches: list[list[int]],
                  data: Encoded, pad_id: int, regression: bool, precision: str, total: int,
                  state: LoopState, log_every: int = 20) -> float:
     """One pass over `batches` (stopping at `total` steps); returns the mean training loss."""
@@ -267,12 +331,8 @@ def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, batch
             break
         batch = {k: v.to(device) for k, v in collate(data, indices, pad_id, regression).items()}
         with _autocast(device, precision):
-            loss, _ = model(**batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+            loss, _ = stepper(**batch)
+        stepper.step(loss)
         state.step += 1
         state.tokens += int(batch["attention_mask"].sum())
         losses.append(float(loss.detach()))
@@ -283,12 +343,13 @@ def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, batch
 
 def train(model: nn.Module, task: TaskSpec, train_data: Encoded, evals: Sequence[Encoded], hp: Hparams, seed: int,
           pad_id: int, precision: str = "bf16", group_by_length: bool = True,
-          on_epoch: Callable[[EpochRecord], None] | None = None) -> LoopState:
-    """Train for hp.epochs (fractions allowed), evaluate after every epoch, keep the best epoch's weights."""
+          on_epoch: Callable[[EpochRecord], None] | None = None, zero_stage: int | None = None) -> LoopState:
+    """Train for hp.epochs (fractions allowed), evaluate after every epoch, keep the best epoch's weights.
+    With `zero_stage`, the steps run through a DeepSpeed engine instead of the plain torch loop."""
     per_epoch = math.ceil(len(train_data) / hp.batch_size)
     total = max(1, math.ceil(per_epoch * hp.epochs))
-    opt = build_optimizer(model, hp)
-    sched = linear_schedule(opt, int(hp.warmup_ratio * total), total)
+    stepper = (PlainStepper(model, hp, total) if zero_stage is None
+               else DeepSpeedStepper(model, hp, total, zero_stage, precision))
     state = LoopState()
     regression = task.kind == "regression"
     for epoch in range(1, math.ceil(total / per_epoch) + 1):
@@ -297,8 +358,8 @@ def train(model: nn.Module, task: TaskSpec, train_data: Encoded, evals: Sequence
         else:
             batches = random_batches(len(train_data), hp.batch_size, seed + epoch)
         start = time.perf_counter()
-        lr = sched.get_last_lr()[0]
-        loss = _train_epoch(model, opt, sched, batches, train_data, pad_id, regression, precision, total, state)
+        lr = stepper.lr()
+        loss = _train_epoch(model, stepper, batches, train_data, pad_id, regression, precision, total, state)
         state.seconds += time.perf_counter() - start
         results, confusion = evaluate(model, task, evals, pad_id, precision)
         selection = float(np.mean([r["score"] for r in results.values()])) if results else -loss
@@ -388,6 +449,8 @@ def finetune_task(
     predict_test: bool = True,
     device: str | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    zero_stage: int | None = None,
+    allow_pickle: bool = False,
 ) -> TaskResult:
     """Fine-tune `model_path` (HF-format BERT) on one task with one seed; with `output_dir`, save the best
     epoch's model there (HF dir + tokenizer) and the test-set predictions under `output_dir/predictions`."""
@@ -404,11 +467,13 @@ def finetune_task(
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
-    model, report = load_pretrained(model_path, BertForSequenceClassification, num_labels=spec.num_labels)
+    model, report = load_pretrained(model_path, BertForSequenceClassification, num_labels=spec.num_labels,
+                                    allow_pickle=allow_pickle)
     log.info("%s: %s", spec.name, report.summary())
     model.to(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
-    state = train(model, spec, train_data, evals, hp, seed, pad_id, precision, group_by_length, on_epoch)
-    model.load_state_dict(state.best_state)
+    state = train(model, spec, train_data, evals, hp, seed, pad_id, precision, group_by_length, on_epoch, zero_stage)
+    # DeepSpeed's bf16 mode casts the module itself; saved models and later predictions use fp32 weights.
+    model.float().load_state_dict(state.best_state)
     result = TaskResult(spec.name, seed, asdict(hp), state.best_epoch, state.history[state.best_epoch - 1].eval,
                         state.history, state.loss_curve, state.confusion, train_examples=len(train_data),
                         skipped_rows=skipped, train_seconds=state.seconds,

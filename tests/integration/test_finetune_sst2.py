@@ -61,5 +61,6 @@ def test_sst2_beats_majority_baseline(shared_data: Path, sst2_checkpoint: Path, 
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.md", "plots"} <= artifacts
     version = client.get_model_version("it-SST-2", result.registered["it-SST-2"])
+    assert result.promotions["it-SST-2"].startswith("champion")  # the first version passes the gate
     assert len(version.tags["bertscale.tokenizer_fingerprint"]) == 64
     assert version.tags["bertscale.source_checkpoint"] == str(sst2_checkpoint)
