@@ -42,3 +42,29 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.integration)
         elif f"{os.sep}e2e{os.sep}" in path:
             item.add_marker(pytest.mark.e2e)
+
+
+def make_keyword_task(tmp_path: Path, words: list[str], k: int, rows: int):
+    """A CSV yes/no keyword task and a tiny random-init HF checkpoint with a tokenizer trained on its text."""
+    import random
+
+    import torch
+
+    from bertscale.config import CustomTaskConfig, TokenizerConfig
+    from bertscale.model import BertConfig, BertForPreTraining
+    from bertscale.model.hf import export_hf
+    from bertscale.tokenizer import save_tokenizer, train_wordpiece
+
+    torch.set_num_threads(1)
+    rng = random.Random(0)
+    examples = [(f"{' '.join(rng.choices(words, k=k))} {'yes' if i % 2 else 'no'}", i % 2) for i in range(rows)]
+    data = tmp_path / "task.csv"
+    data.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in examples))
+    ckpt = tmp_path / "ckpt"
+    vocab = save_tokenizer(train_wordpiece(TokenizerConfig(vocab_size=60, min_frequency=1),
+                                           iter([[t for t, _ in examples]])), ckpt).vocab_size
+    torch.manual_seed(0)
+    export_hf(BertForPreTraining(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, intermediate_size=64,
+                                            max_position_embeddings=32)), ckpt)
+    return CustomTaskConfig(name="yesno", train=str(data), dev=str(data), text_a="text"), ckpt

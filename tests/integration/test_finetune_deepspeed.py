@@ -3,36 +3,23 @@ hyper-parameters as the plain torch loop give the same training curve and the sa
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
-from bertscale.config import CustomTaskConfig, TokenizerConfig
+from conftest import make_keyword_task
+
+from bertscale.config import CustomTaskConfig
 from bertscale.finetune import finetune_task
 from bertscale.finetune.tasks import Hparams
-from bertscale.model import BertConfig, BertForPreTraining, BertForSequenceClassification
-from bertscale.model.hf import export_hf, load_pretrained
-from bertscale.tokenizer import save_tokenizer, train_wordpiece
+from bertscale.model import BertForSequenceClassification
+from bertscale.model.hf import load_pretrained
 
 
 @pytest.fixture()
 def keyword_task(tmp_path: Path) -> tuple[CustomTaskConfig, Path]:
-    torch.set_num_threads(1)
-    rng = random.Random(0)
-    rows = [(f"{' '.join(rng.choices(['a', 'b', 'c', 'd'], k=5))} {'yes' if i % 2 else 'no'}", i % 2)
-            for i in range(96)]
-    data = tmp_path / "task.csv"
-    data.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
-    ckpt = tmp_path / "ckpt"
-    vocab = save_tokenizer(train_wordpiece(TokenizerConfig(vocab_size=60, min_frequency=1),
-                                           iter([[t for t, _ in rows]])), ckpt).vocab_size
-    torch.manual_seed(0)
-    export_hf(BertForPreTraining(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=1,
-                                            num_attention_heads=2, intermediate_size=64,
-                                            max_position_embeddings=32)), ckpt)
-    return CustomTaskConfig(name="yesno", train=str(data), dev=str(data), text_a="text"), ckpt
+    return make_keyword_task(tmp_path, ['a', 'b', 'c', 'd'], k=5, rows=96)
 
 
 def test_deepspeed_zero1_matches_the_plain_loop(keyword_task: tuple[CustomTaskConfig, Path], tmp_path: Path) -> None:

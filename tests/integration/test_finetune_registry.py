@@ -4,37 +4,25 @@ same; a second suite that does not beat the champion by the margin stays the cha
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from bertscale.config import CustomTaskConfig, PipelineConfig, TokenizerConfig
+from conftest import make_keyword_task
+
+from bertscale.config import CustomTaskConfig, PipelineConfig
 from bertscale.finetune import get_task, load_eval, resolve_checkpoint, run_finetune
 from bertscale.finetune.trainer import encode_split, predict, prepare_tokenizer
-from bertscale.model import BertConfig, BertForPreTraining, BertForSequenceClassification
-from bertscale.model.hf import export_hf, load_pretrained
-from bertscale.tokenizer import load_tokenizer, save_tokenizer, train_wordpiece
+from bertscale.model import BertForSequenceClassification
+from bertscale.model.hf import load_pretrained
+from bertscale.tokenizer import load_tokenizer
 
 
 @pytest.fixture()
 def yesno(tmp_path: Path) -> tuple[CustomTaskConfig, Path]:
     """A keyword task (CSV) and a tiny random-init checkpoint with a tokenizer trained on it."""
-    torch.set_num_threads(1)
-    rng = random.Random(0)
-    rows = [(f"{' '.join(rng.choices(['a', 'b', 'c'], k=4))} {'yes' if i % 2 else 'no'}", i % 2) for i in range(64)]
-    data = tmp_path / "task.csv"
-    data.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
-    ckpt = tmp_path / "ckpt"
-    vocab = save_tokenizer(train_wordpiece(TokenizerConfig(vocab_size=60, min_frequency=1),
-                                           iter([[t for t, _ in rows]])), ckpt).vocab_size
-    torch.manual_seed(0)
-    export_hf(BertForPreTraining(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=1,
-                                            num_attention_heads=2, intermediate_size=64,
-                                            max_position_embeddings=32)), ckpt)
-    return CustomTaskConfig(name="yesno", train=str(data), dev=str(data), text_a="text"), ckpt
+    return make_keyword_task(tmp_path, ['a', 'b', 'c'], k=4, rows=64)
 
 
 def _config(tmp_path: Path, task: CustomTaskConfig, margin: float) -> PipelineConfig:
