@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bertscale.config import PipelineConfig, load_config
-from bertscale.errors import BertscaleError
+from bertscale.errors import BertscaleError, ConfigError
 
 log = logging.getLogger("bertscale")
 
@@ -160,7 +160,8 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nnodes", type=int, default=1, help="Nodes, for per-node launch without ssh.")
     p.add_argument("--node-rank", type=int, default=0, help="This node's rank, for per-node launch without ssh.")
     p.add_argument("--master-addr", default="127.0.0.1", help="Rank 0's address for multi-node runs.")
-    p.add_argument("--master-port", type=int, default=29500, help="Rank 0's port.")
+    p.add_argument("--master-port", type=int,
+                   help="Rank 0's port (default: a free port on one node, 29500 across nodes).")
     p.set_defaults(func=_run_pretrain)
 
 
@@ -264,6 +265,8 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-limit", default="24:00:00", help="SLURM time limit.")
     p.add_argument("--image", default="bertscale:latest", help="Container image (k8s).")
     p.add_argument("--pvc", default="bertscale-workdir", help="PersistentVolumeClaim holding the workdir (k8s).")
+    p.add_argument("--master-port", type=int,
+                   help="Rendezvous port (default: derived from the SLURM job id; 29500 on k8s).")
     p.add_argument("--template", help="Use this template instead of the one in deploy/.")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="Environment for every rank.")
     p.add_argument("--dry-run", action="store_true", help="Render only; print the paths.")
@@ -273,11 +276,15 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
 def _run_submit(args: argparse.Namespace) -> int:
     from bertscale.jobs import JobSpec, submit
 
-    env = dict(item.split("=", 1) for item in args.env if "=" in item)
+    bad = [item for item in args.env if "=" not in item or item.startswith("=")]
+    if bad:
+        raise ConfigError(f"--env {bad[0]!r}: write KEY=VALUE")
+    env = dict(item.split("=", 1) for item in args.env)
     spec = JobSpec(
         job_name=args.job_name, nodes=args.nodes, procs_per_node=args.procs_per_node,
         gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task, partition=args.partition,
         time_limit=args.time_limit, image=args.image, pvc=args.pvc, template=args.template, env=env,
+        master_port=args.master_port,
     )
     print(_json(submit(_config(args, {}), args.backend, spec, dry_run=args.dry_run)))
     return 0

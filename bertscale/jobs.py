@@ -35,7 +35,9 @@ class JobSpec:
     procs_per_node: int = 1
     cpus_per_task: int = 8
     time_limit: str = "24:00:00"
-    master_port: int = 29500
+    # None: under SLURM a port derived from the job id (two jobs sharing a node never collide); 29500 on k8s,
+    # where every pod has its own network namespace.
+    master_port: int | None = None
     partition: str | None = None
     gpus_per_node: int = 0
     image: str = "bertscale:latest"
@@ -47,6 +49,8 @@ class JobSpec:
     def validate(self) -> None:
         if self.nodes < 1 or self.procs_per_node < 1:
             raise ConfigError("job nodes and procs_per_node must be >= 1")
+        if self.master_port is not None and not 1024 <= self.master_port < 65536:
+            raise ConfigError(f"master port {self.master_port}: use a port in [1024, 65536)")
         if not self.job_name.replace("-", "").isalnum() or self.job_name != self.job_name.lower():
             raise ConfigError(f"job name {self.job_name!r}: use lowercase letters, digits and dashes (a DNS label)")
 
@@ -69,7 +73,8 @@ def render_slurm(cfg: PipelineConfig, spec: JobSpec, config_path: Path) -> str:
     return _template(spec, "slurm/pretrain.sbatch").substitute(
         job_name=spec.job_name, nodes=spec.nodes, procs_per_node=spec.procs_per_node,
         cpus_per_task=spec.cpus_per_task, time_limit=spec.time_limit, log_dir=Path(cfg.workdir).resolve(),
-        extra_directives="\n".join(directives), master_port=spec.master_port, env_exports=exports,
+        extra_directives="\n".join(directives), env_exports=exports,
+        master_port=spec.master_port or "$((20000 + SLURM_JOB_ID % 20000))",
         workdir=shlex.quote(workdir), python=shlex.quote(sys.executable), config=shlex.quote(str(config_path)),
     )
 
@@ -85,7 +90,7 @@ def render_k8s(cfg: PipelineConfig, spec: JobSpec) -> str:
     limit_lines = "\n".join(f"              {k}: \"{v}\"" for k, v in limits.items())
     return _template(spec, "k8s/pretrain-job.yaml").substitute(
         job_name=spec.job_name, nodes=spec.nodes, procs_per_node=spec.procs_per_node,
-        master_port=spec.master_port, image=spec.image, pvc=spec.pvc, workdir=spec.workdir or cfg.workdir,
+        master_port=spec.master_port or 29500, image=spec.image, pvc=spec.pvc, workdir=spec.workdir or cfg.workdir,
         backoff_limit=0, config_indented=textwrap.indent(config_text, "    "), env_list=env_list,
         resource_limits=limit_lines,
     )

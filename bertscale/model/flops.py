@@ -54,21 +54,39 @@ def flops_per_token(config: BertConfig, seq_len: int, mask_prob: float = 0.15) -
 
 
 def measure_peak_flops(dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float = 1.0) -> float:
-    """Matmul FLOP/s of this CPU in `dtype` with torch's current thread count: a practical peak for MFU."""
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up: thread pool start and kernel selection are not part of the rate
-    best = 0.0
+    """Matmul FLOP/s of this CPU in `dtype` with torch's current thread count: a practical peak for MFU.
+
+    The size grows from 256 up to `n` only while one product stays fast: a CPU without native bf16 runs bf16
+    matmuls ~100x slower than fp32, and a fixed 2048^3 product would then take tens of seconds. The whole
+    probe is bounded by about `seconds` (plus the one product that crosses the deadline).
+    """
     deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        a @ b
-        best = max(best, 2 * n**3 / (time.perf_counter() - start))
-    return best
+    size, best = 256, 0.0
+    while True:
+        a = torch.randn(size, size, dtype=dtype)
+        b = torch.randn(size, size, dtype=dtype)
+        a @ b  # warm-up: thread pool start and kernel selection are not part of the rate
+        elapsed = 0.0
+        for _ in range(3):
+            start = time.perf_counter()
+            a @ b
+            elapsed = time.perf_counter() - start
+            best = max(best, 2 * size**3 / elapsed)
+            if time.perf_counter() > deadline:
+                return best
+        # The next size costs 8x this one: only go there if it still fits in the budget.
+        if size >= n or time.perf_counter() + 16 * elapsed > deadline:
+            return best
+        size *= 2
 
 
 def peak_flops(device: torch.device | str = "cpu", precision: str = "bf16") -> float:
-    """Peak FLOP/s for MFU: a table for known GPUs (bf16 and fp16 share a figure), a measurement on CPU."""
+    """Peak FLOP/s for MFU: a table for known GPUs (bf16 and fp16 share a figure), a measurement on CPU.
+
+    `precision` is the training precision: "fp32", "bf16" or "fp16".
+    """
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision {precision!r}: use fp32, bf16 or fp16")
     device = torch.device(device)
     key = "fp32" if precision == "fp32" else "bf16"
     if device.type == "cuda":

@@ -60,7 +60,8 @@ class DistEnv:
         return torch.device("cpu")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A local port nothing listens on right now (the OS picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -79,7 +80,7 @@ def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         per_node = int(env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0] or world)
         return DistEnv(int(env["SLURM_PROCID"]), world, int(env.get("SLURM_LOCALID", 0)), per_node, addr,
                        int(env.get("MASTER_PORT", 29500)), "slurm")
-    port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else _free_port()
+    port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else free_port()
     return DistEnv(master_addr=addr, master_port=port)
 
 

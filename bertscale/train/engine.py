@@ -29,6 +29,7 @@ import torch
 from bertscale import tracking
 from bertscale.config import PipelineConfig, TrainConfig
 from bertscale.errors import BertscaleError, ConfigError
+from bertscale.model.flops import flops_per_token, peak_flops
 from bertscale.train import distributed, schedule
 from bertscale.train.checkpoint import (
     CheckpointManager,
@@ -274,13 +275,7 @@ def make_throughput(model_cfg: Any, seq_len: int, train: TrainConfig, device: to
                     ) -> Throughput:
     """MFU bookkeeping: FLOPs per real token from `bertscale.model.flops` (the formula is documented there),
     peak from `train.peak_tflops` or the device's default (a measured probe on CPU)."""
-    try:
-        from bertscale.model.flops import flops_per_token, peak_flops
-    except ImportError as e:  # a model package without FLOP accounting: train, but report no MFU
-        log.warning("MFU not reported: %s", e)
-        return Throughput(0.0, None)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[train.precision]
-    per_device = train.peak_tflops * 1e12 if train.peak_tflops else peak_flops(device, dtype)
+    per_device = train.peak_tflops * 1e12 if train.peak_tflops else peak_flops(device, train.precision)
     return Throughput(float(flops_per_token(model_cfg, seq_len)), per_device * world if per_device else None)
 
 

@@ -29,6 +29,7 @@ import yaml
 
 from bertscale.config import PipelineConfig, dump_config
 from bertscale.errors import ConfigError
+from bertscale.train.distributed import free_port
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,17 @@ class LaunchSpec:
     nnodes: int = 1
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
-    master_port: int = 29500
+    # None: a free port for a single-node job (so two jobs on one machine never collide), 29500 across nodes.
+    master_port: int | None = None
     hostfile: str | None = None
     extra_args: list[str] = field(default_factory=list)  # passed to the launcher before the module
+
+    def resolved_port(self) -> int:
+        """The rendezvous port; fixed once resolved, so every launcher argument names the same one."""
+        if self.master_port is None:
+            single_node = self.nnodes == 1 and not self.hostfile and self.launcher != "srun"
+            self.master_port = free_port() if single_node else DEFAULT_MASTER_PORT
+        return self.master_port
 
     def validate(self) -> None:
         if self.launcher not in ("deepspeed", "torchrun", "srun"):
@@ -57,6 +66,9 @@ class LaunchSpec:
             raise ConfigError(f"node_rank={self.node_rank} is not in [0, nnodes={self.nnodes})")
         if self.hostfile and not Path(self.hostfile).is_file():
             raise ConfigError(f"hostfile {self.hostfile} does not exist")
+
+
+DEFAULT_MASTER_PORT = 29500
 
 
 def rank_args(config_file: Path, data: str | Path | None, tokenizer: str | Path | None) -> list[str]:
@@ -76,7 +88,7 @@ def write_hostfile(path: Path, nnodes: int, slots: int) -> Path:
 
 
 def deepspeed_command(spec: LaunchSpec, rank: list[str], workdir: Path) -> list[str]:
-    cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--master_port", str(spec.master_port),
+    cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--master_port", str(spec.resolved_port()),
            "--no_local_rank"]
     if spec.hostfile:
         cmd += ["--hostfile", spec.hostfile, "--master_addr", spec.master_addr]
@@ -95,7 +107,7 @@ def deepspeed_command(spec: LaunchSpec, rank: list[str], workdir: Path) -> list[
 def torchrun_command(spec: LaunchSpec, rank: list[str]) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(spec.nnodes), "--nproc_per_node",
            str(spec.num_procs), "--node_rank", str(spec.node_rank), "--master_addr", spec.master_addr,
-           "--master_port", str(spec.master_port)]
+           "--master_port", str(spec.resolved_port())]
     return cmd + spec.extra_args + rank
 
 
@@ -115,7 +127,7 @@ def build_command(spec: LaunchSpec, config_file: Path, data: str | Path | None =
         return deepspeed_command(spec, rank, config_file.parent), env
     if spec.launcher == "torchrun":
         return torchrun_command(spec, rank), env
-    env.update(MASTER_ADDR=spec.master_addr, MASTER_PORT=str(spec.master_port))
+    env.update(MASTER_ADDR=spec.master_addr, MASTER_PORT=str(spec.resolved_port()))
     return srun_command(spec, rank), env
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import yaml
 import pytest
 
@@ -52,3 +54,16 @@ def test_bad_job_name_and_missing_tool(cfg, monkeypatch):
     monkeypatch.setenv("PATH", "")
     with pytest.raises(BertscaleError, match="sbatch` not found"):
         submit(cfg, "slurm", JobSpec())
+
+
+def test_slurm_master_port_follows_the_job_id_unless_given(cfg):
+    script = open(submit(cfg, "slurm", JobSpec(), dry_run=True)["script"]).read()
+    line = next(ln for ln in script.splitlines() if ln.startswith("export MASTER_PORT="))
+    ports = {job: subprocess.run(["bash", "-c", f"{line}; echo $MASTER_PORT"], env={"SLURM_JOB_ID": job},
+                                 capture_output=True, text=True, check=True).stdout.strip()
+             for job in ("17", "18")}
+    assert ports == {"17": "20017", "18": "20018"}  # two jobs on one node get different ports
+    fixed = open(submit(cfg, "slurm", JobSpec(master_port=31000), dry_run=True)["script"]).read()
+    assert "export MASTER_PORT=31000" in fixed
+    with pytest.raises(ConfigError, match="master port 80"):
+        submit(cfg, "slurm", JobSpec(master_port=80), dry_run=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -230,3 +232,22 @@ def test_flops_formula():
 
 def test_peak_probe_measures_something():
     assert measure_peak_flops(torch.float32, n=256, seconds=0.05) > 1e8
+
+
+def test_peak_matches_the_training_precision(monkeypatch):
+    from bertscale.model import flops
+
+    seen = []
+    monkeypatch.setattr(flops, "measure_peak_flops", lambda dtype: seen.append(dtype) or 1.0)
+    flops.peak_flops("cpu", "fp32")
+    flops.peak_flops("cpu", "bf16")
+    assert seen == [torch.float32, torch.bfloat16]
+    with pytest.raises(ValueError, match="precision"):
+        flops.peak_flops("cpu", torch.float32)
+
+
+def test_peak_probe_stays_small_where_a_dtype_is_slow():
+    # bf16 without native CPU support is ~100x slower than fp32: the probe must not grow to 2048^3 there.
+    start = time.perf_counter()
+    assert measure_peak_flops(torch.bfloat16, seconds=0.1) > 0
+    assert time.perf_counter() - start < 20

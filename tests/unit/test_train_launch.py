@@ -73,3 +73,30 @@ def test_read_env_slurm_and_single_process():
     single = read_env({})
     assert (single.rank, single.world_size, single.source) == (0, 1, "single") and single.is_main
     assert 0 < single.master_port < 65536
+
+
+def test_default_port_is_free_on_one_node_and_29500_across_nodes(tmp_path):
+    import socket
+
+    with socket.socket() as busy:  # another job on this machine already holds a port
+        busy.bind(("127.0.0.1", 29500 if _port_free(29500) else 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        single = LaunchSpec(num_procs=2)
+        cmd, _ = build_command(single, CFG)
+        port = int(cmd[cmd.index("--master_port") + 1])
+        assert port != taken and _port_free(port) and single.master_port == port
+    multi = LaunchSpec("torchrun", num_procs=2, nnodes=2, master_addr="h0")
+    cmd, _ = build_command(multi, tmp_path / "c.yaml")
+    assert cmd[cmd.index("--master_port") + 1] == "29500"
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
