@@ -3,10 +3,13 @@
 Same config, same initial weights, same batches (B x T with real lengths uniform in [T/4, T], 15% masking, NSP),
 a step = forward + backward + AdamW step (ours: fused AdamW where available; transformers: torch.optim.AdamW
 defaults). Steps of the two implementations are interleaved so that machine noise hits both alike. Reports real
-(non-padding) tokens/s, the ratio, and MFU against this machine's measured matmul peak for the dtype.
+(non-padding) tokens/s, the ratio, and MFU against the peak for the dtype: on CPU this machine's measured matmul
+rate, on a GPU the datasheet figure from `bertscale.model.flops` (or --peak-tflops). On CUDA every timed step is
+bracketed by `torch.cuda.synchronize()`, since kernels run asynchronously.
 
     python bench/pretrain.py --size mini --steps 6
     python bench/pretrain.py --size base --steps 2 --warmup 1 --json base.json
+    python bench/pretrain.py --device cuda --size base --batch 64 --precision bf16 --steps 20
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from bertscale.model import BertConfig, BertForPreTraining
-from bertscale.model.flops import measure_peak_flops, training_flops
+from bertscale.model.flops import measure_peak_flops, peak_flops, training_flops
 
 CLS, SEP, MASK = 101, 102, 103
 
@@ -69,11 +72,17 @@ def build_models(config: BertConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
     return ours, hf
 
 
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    ours, hf = ({k: v.to(device) for k, v in d.items()} for d in (batch.ours, batch.hf))
+    return Batch(ours, hf, batch.lengths, batch.num_masked)
+
+
 def our_optimizer(model: torch.nn.Module) -> tuple[torch.optim.Optimizer, str]:
-    """Fused AdamW (one kernel over all tensors) where this torch build supports it on CPU, else foreach."""
+    """Fused AdamW (one kernel over all tensors) where this torch build supports it on the device, else foreach."""
+    device = next(model.parameters()).device
     try:
-        probe = torch.zeros(4, requires_grad=True)
-        probe.grad = torch.ones(4)
+        probe = torch.zeros(4, requires_grad=True, device=device)
+        probe.grad = torch.ones(4, device=device)
         torch.optim.AdamW([probe], fused=True).step()  # unsupported fused kernels fail at step, not construction
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         return opt, "fused"
@@ -81,40 +90,51 @@ def our_optimizer(model: torch.nn.Module) -> tuple[torch.optim.Optimizer, str]:
         return torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True), "foreach"
 
 
-def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, inputs: dict, bf16: bool) -> float:
+def sync(device: torch.device) -> None:
+    """Wait for queued kernels, so the clock measures work done rather than work launched."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, inputs: dict, bf16: bool,
+               device: torch.device) -> float:
+    sync(device)
     start = time.perf_counter()
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with ctx:
         out = model(**inputs)
     loss = out.loss if hasattr(out, "loss") else out[0]
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    sync(device)
     return time.perf_counter() - start
 
 
-def run_precision(config: BertConfig, batches: list[Batch], precision: str, peak: float, args) -> dict:
+def run_precision(config: BertConfig, batches: list[Batch], precision: str, peak: float | None, args) -> dict:
     """Warm up both, then alternate timed steps: ours, transformers, ours, ..."""
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    ours, hf = build_models(config)
+    ours, hf = (m.to(device) for m in build_models(config))
     opt_ours, kind = our_optimizer(ours)
     opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4)
     bf16 = precision == "bf16"
     for i in range(args.warmup):
         b = batches[i % len(batches)]
-        train_step(ours, opt_ours, b.ours, bf16)
-        train_step(hf, opt_hf, b.hf, bf16)
+        train_step(ours, opt_ours, b.ours, bf16, device)
+        train_step(hf, opt_hf, b.hf, bf16, device)
     seconds = {"ours": 0.0, "transformers": 0.0}
     tokens = flops = 0.0
     for i in range(args.steps):
         b = batches[i % len(batches)]
-        seconds["ours"] += train_step(ours, opt_ours, b.ours, bf16)
-        seconds["transformers"] += train_step(hf, opt_hf, b.hf, bf16)
+        seconds["ours"] += train_step(ours, opt_ours, b.ours, bf16, device)
+        seconds["transformers"] += train_step(hf, opt_hf, b.hf, bf16, device)
         tokens += sum(b.lengths)
         flops += training_flops(config, b.lengths, b.num_masked)
-    result = {"precision": precision, "optimizer_ours": kind, "peak_gflops": peak / 1e9, "real_tokens": tokens}
+    result = {"precision": precision, "device": str(device), "optimizer_ours": kind,
+              "peak_gflops": peak / 1e9 if peak else None, "real_tokens": tokens}
     for name, s in seconds.items():
-        result[name] = {"seconds": s, "tokens_per_s": tokens / s, "mfu": flops / s / peak}
+        result[name] = {"seconds": s, "tokens_per_s": tokens / s, "mfu": flops / s / peak if peak else None}
     result["ratio"] = result["ours"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
     return result
 
@@ -129,30 +149,47 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=6, help="Timed steps per implementation.")
     p.add_argument("--threads", type=int, default=None, help="torch threads; default: torch's choice.")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="Where both models train.")
+    p.add_argument("--peak-tflops", type=float, help="Peak TFLOP/s for MFU; default: measured (CPU) or the "
+                   "GPU's datasheet figure.")
     p.add_argument("--json", help="Also write the results to this file.")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible to torch")
     config = BertConfig.from_name(args.size, vocab_size=args.vocab, max_position_embeddings=max(512, args.seq))
     g = torch.Generator().manual_seed(1234)
-    batches = [make_batch(g, args.batch, args.seq, args.vocab, 0.15) for _ in range(4)]
+    batches = [to_device(make_batch(g, args.batch, args.seq, args.vocab, 0.15), torch.device(args.device))
+               for _ in range(4)]
     precisions = args.precision.split(",")
-    # Peaks first, on an idle process: measured after the runs they would include leftover load and allocator state.
-    peaks = {prec: measure_peak_flops(torch.bfloat16 if prec == "bf16" else torch.float32, seconds=2.0)
-             for prec in precisions}
+    peaks = {prec: bench_peak(prec, args) for prec in precisions}
     results = [run_precision(config, batches, prec, peaks[prec], args) for prec in precisions]
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu threads={torch.get_num_threads()}"
     print(f"size={args.size} L{config.num_hidden_layers}/H{config.hidden_size} B={args.batch} T<={args.seq} "
-          f"threads={torch.get_num_threads()} steps={args.steps} (warmup {args.warmup})")
+          f"{where} steps={args.steps} (warmup {args.warmup})")
     print(f"{'precision':<10}{'impl':<14}{'real tok/s':>12}{'MFU':>8}   peak GFLOP/s")
     for r in results:
         for name in ("ours", "transformers"):
-            print(f"{r['precision']:<10}{name:<14}{r[name]['tokens_per_s']:>12,.0f}{r[name]['mfu']:>8.1%}   "
-                  f"{r['peak_gflops']:.0f}")
+            mfu = f"{r[name]['mfu']:>8.1%}" if r[name]["mfu"] is not None else f"{'n/a':>8}"
+            peak = f"{r['peak_gflops']:.0f}" if r["peak_gflops"] else "unknown (--peak-tflops)"
+            print(f"{r['precision']:<10}{name:<14}{r[name]['tokens_per_s']:>12,.0f}{mfu}   {peak}")
         print(f"{r['precision']:<10}{'ratio':<14}{r['ratio']:>11.2f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"size": args.size, "config": config.to_dict(), "threads": torch.get_num_threads(),
+            json.dump({"size": args.size, "config": config.to_dict(), "device": args.device,
+                       "threads": torch.get_num_threads(),
                        "batch": args.batch, "seq": args.seq, "results": results}, f, indent=2)
+
+
+def bench_peak(precision: str, args) -> float | None:
+    """Peak FLOP/s for MFU: --peak-tflops, the GPU's table figure, or this CPU's measured matmul rate (measured
+    first, on an idle process: after the runs it would include leftover load and allocator state)."""
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12
+    if args.device == "cuda":
+        return peak_flops(torch.device("cuda"), precision)
+    return measure_peak_flops(torch.bfloat16 if precision == "bf16" else torch.float32, seconds=2.0)
 
 
 if __name__ == "__main__":

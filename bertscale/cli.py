@@ -172,11 +172,11 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     cfg = _config(args, {"model": model, "train": train})
     if args.launcher == "none":
         from bertscale.train import pretrain
+        from bertscale.train.engine import exit_code
 
         result = pretrain(cfg, data=args.data, tokenizer=args.tokenizer)
-        if result is not None:
-            print(result.summary())
-        return 0
+        print(result.summary())
+        return exit_code(result)
     from bertscale.train.launch import LaunchSpec, launch
 
     spec = LaunchSpec(
@@ -185,6 +185,39 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     )
     return launch(cfg, spec, config_path=args.config, overrides=args.overrides, data=args.data,
                   tokenizer=args.tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# export
+# ----------------------------------------------------------------------------------------------------------------
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="Write a pretraining checkpoint as a Hugging Face BERT dir (ZeRO shards consolidated).",
+        description="Consolidate a checkpoint's ZeRO shards (any stage) into full fp32 weights and write "
+        "config.json + model.safetensors that transformers' BertForPreTraining.from_pretrained loads. "
+        "CHECKPOINT_DIR is a train output dir, its checkpoints/ dir (both: the `latest` checkpoint) or one "
+        "checkpoint's step directory.",
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="Train output dir, checkpoints dir or step dir.")
+    p.add_argument("-o", "--output", required=True, help="Directory to write the HF model into.")
+    p.add_argument("--tokenizer", help="Tokenizer dir whose HF files (tokenizer.json, vocab.txt, ...) to copy.")
+    p.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from bertscale.train.checkpoint import export_checkpoint
+
+    if args.tokenizer and not Path(args.tokenizer).exists():
+        raise BertscaleError(f"--tokenizer {args.tokenizer} does not exist")
+    try:
+        out = export_checkpoint(args.checkpoint, args.output, tokenizer=args.tokenizer)
+    except OSError as e:  # an unwritable or full output directory is the user's to fix
+        raise BertscaleError(f"cannot write the export to {args.output}: {e.strerror or e}") from None
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -198,7 +231,8 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     )
     _common(p)
     p.add_argument("--checkpoint", help="HF-format dir, DeepSpeed checkpoint dir, or models:/name@alias.")
-    p.add_argument("--tokenizer", help="Tokenizer dir if the checkpoint has none.")
+    p.add_argument("--tokenizer", help="Tokenizer dir (default: the checkpoint's own; given, it replaces it, with a "
+                   "warning). Checked against the checkpoint: size and special token ids.")
     p.add_argument("--glue-dir", help="Directory with GLUE task folders (CoLA/, SST-2/, ...).")
     p.add_argument("--tasks", nargs="+", help="Task names, e.g. RTE MRPC STS-B.")
     p.add_argument("--seeds", type=int, nargs="+", help="One run per seed.")
@@ -344,10 +378,11 @@ def _add_doctor(sub: argparse._SubParsersAction) -> None:
 def _run_doctor(args: argparse.Namespace) -> int:
     from bertscale import doctor
 
+    cfg = _config(args, {})
     if args.serve:
-        report = doctor.serve(args.master_port, args.peers, args.timeout)
+        report = doctor.serve(args.master_port, args.peers, args.timeout, doctor.checkpoint_root(cfg), cfg)
     else:
-        report = doctor.run_doctor(_config(args, {}), args.master_addr, args.master_port, args.timeout)
+        report = doctor.run_doctor(cfg, args.master_addr, args.master_port, args.timeout)
     print(report.render())
     return 0 if report.ok else 1
 
@@ -371,7 +406,8 @@ def _run_config(args: argparse.Namespace) -> int:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_corpus, _add_tokenizer, _add_data, _add_pretrain, _add_finetune, _add_pipeline, _add_models, _add_submit, _add_doctor, _add_config,
+    _add_corpus, _add_tokenizer, _add_data, _add_pretrain, _add_export, _add_finetune, _add_pipeline, _add_models,
+    _add_submit, _add_doctor, _add_config,
 ]
 
 

@@ -23,6 +23,11 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def is_uri(path: str) -> bool:
+    """A Beam filesystem URI (gs://, s3://, hdfs://...) rather than a local path."""
+    return "://" in path
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Tracking
 # ----------------------------------------------------------------------------------------------------------------
@@ -126,16 +131,22 @@ class TokenizerConfig(Section):
     handle_chinese_chars: bool = Field(True, description="Split CJK characters into single tokens.")
     batch_size: int = Field(1000, ge=1, description="Documents per batch while streaming shards to the trainer.")
     heldout_docs: int = Field(200, ge=0, description="Documents held out for [UNK]-rate and tokens-per-word stats.")
+    heldout_seed: int = Field(0, description="Seed of the random sample of held-out documents.")
     text_column: str = Field("text", description="Parquet column holding each document's text.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Pretraining data
 # ----------------------------------------------------------------------------------------------------------------
+MIN_SEQ_LEN, MAX_SEQ_LEN = 8, 65535
+
+
 class DataConfig(Section):
     output: str | None = Field(None, description="Output directory; None = <workdir>/data.")
     mode: Literal["nsp", "packed"] = Field("nsp", description="Devlin-style sentence pairs with NSP, or packed sequences.")
-    seq_lengths: list[int] = Field(default_factory=lambda: [128], description="One output per phase, e.g. [128, 512].")
+    seq_lengths: list[int] = Field(
+        default_factory=lambda: [128], min_length=1, description="One output per phase, e.g. [128, 512]."
+    )
     short_seq_prob: float = Field(0.1, ge=0, le=1, description="Probability of a shorter target length (NSP mode).")
     dupe_factor: int = Field(1, ge=1, description="Passes over the corpus with different pairings.")
     heldout_fraction: float = Field(0.01, ge=0, lt=1, description="Fraction of documents held out for evaluation.")
@@ -146,6 +157,17 @@ class DataConfig(Section):
     max_unk_fraction: float | None = Field(
         0.5, ge=0, le=1, description="Skip documents with more [UNK] tokens than this fraction; None keeps all."
     )
+
+    @model_validator(mode="after")
+    def _valid_seq_lengths(self) -> "DataConfig":
+        # [CLS] A [SEP] B [SEP] needs room for a few tokens of each segment; segment lengths are stored as uint16.
+        bad = [n for n in self.seq_lengths if not MIN_SEQ_LEN <= n <= MAX_SEQ_LEN]
+        if bad:
+            raise ValueError(f"seq_lengths {bad} out of range: each must be {MIN_SEQ_LEN}..{MAX_SEQ_LEN}, "
+                             "e.g. [128, 512]")
+        if len(set(self.seq_lengths)) != len(self.seq_lengths):
+            raise ValueError(f"seq_lengths {self.seq_lengths} repeats a length: list each phase once")
+        return self
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -203,7 +225,8 @@ class TrainConfig(Section):
     peak_tflops: float | None = Field(None, gt=0, description="Peak TFLOP/s per device for MFU; None = per-device default.")
     seed: int = Field(42, description="Seed of init, masking and data order.")
     num_procs: int = Field(1, ge=1, description="Processes per node for `bertscale pretrain` (DeepSpeed launcher).")
-    resume: bool = Field(True, description="Resume from the latest checkpoint in `output` if there is one.")
+    resume: bool = Field(True, description="Resume from the latest checkpoint in `output` if there is one; "
+                         "false: start at step 0, moving existing checkpoints to checkpoints/previous-<time>/.")
     collective_timeout_s: float = Field(
         1800.0, gt=0, description="Seconds a collective may wait for a peer before the rank stops with an error "
         "(a dead host or a cut network); also bounds the process-group start-up."
@@ -270,6 +293,9 @@ class RegistryConfig(Section):
     register_encoder: bool = Field(True, description="Register the pretrained encoder as <name>-encoder.")
     margin: float = Field(0.0, ge=0, description="A challenger becomes champion only if it beats the champion by more.")
     higher_is_better: bool = Field(True, description="Direction of the fine-tuned models' task score.")
+    encoder_metric: Literal["eval/mlm_loss", "eval/mlm_acc", "eval/loss"] = Field(
+        "eval/mlm_loss", description="Held-out pretraining metric the encoder's gate compares; a loss: lower wins.")
+    encoder_margin: float = Field(0.0, ge=0, description="The encoder's promotion margin, in encoder_metric's units.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -311,11 +337,26 @@ class PipelineConfig(Section):
             )
         return self
 
-    def stage_dir(self, stage: str) -> Path:
-        """Output directory of a stage: its `output` field, or <workdir>/<stage>."""
+    def stage_location(self, stage: str) -> str:
+        """Output of a stage as a string: its `output` field, or <workdir>/<stage>. URIs (gs://...) are kept as
+        written, since pathlib would collapse `gs://b` to `gs:/b`; only the corpus stage writes to them."""
         section = getattr(self, stage, None)
         explicit = getattr(section, "output", None) if section is not None else None
-        return Path(explicit) if explicit else Path(self.workdir) / stage
+        if explicit:
+            return explicit if is_uri(explicit) else str(Path(explicit))
+        if is_uri(self.workdir):
+            return f"{self.workdir.rstrip('/')}/{stage}"
+        return str(Path(self.workdir) / stage)
+
+    def stage_dir(self, stage: str) -> Path:
+        """Local output directory of a stage; ConfigError for a URI, which a Path would silently mangle."""
+        location = self.stage_location(stage)
+        if is_uri(location):
+            raise ConfigError(
+                f"the {stage} stage's location {location} is a URI, but this step needs a local directory: set "
+                f"{stage}.output (and workdir) to a local path, or copy the data there first"
+            )
+        return Path(location)
 
     def tracking_uri(self) -> str:
         if self.tracking.tracking_uri:

@@ -70,12 +70,16 @@ def versions() -> dict[str, str]:
     }
 
 
-def checkpoint_bytes(cfg: PipelineConfig, vocab_size: int = 30522) -> int:
-    """Bytes of one checkpoint: fp32 weights + two Adam moments (+ bf16/fp16 copy), all ranks together."""
+def checkpoint_bytes(cfg: PipelineConfig, vocab_size: int | None = None) -> int:
+    """Bytes of one checkpoint: fp32 weights + two Adam moments (+ bf16/fp16 copy), all ranks together.
+
+    The vocabulary is `vocab_size`, else the configured one (model.vocab_size, else tokenizer.vocab_size): the
+    tokenizer may not exist yet when a node is checked."""
     from bertscale.model import BertConfig, config_from_pipeline
 
-    config: BertConfig = config_from_pipeline(cfg, vocab_size)
-    h, layers, inter, vocab = config.hidden_size, config.num_hidden_layers, config.intermediate_size, vocab_size
+    vocab = vocab_size or cfg.model.vocab_size or cfg.tokenizer.vocab_size
+    config: BertConfig = config_from_pipeline(cfg, vocab)
+    h, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
     params = vocab * h + config.max_position_embeddings * h + layers * (4 * h * h + 2 * h * inter) + h * h
     per_param = 4 * 3 + (2 if cfg.train.precision != "fp32" else 0)
     return params * per_param
@@ -192,23 +196,37 @@ def check_master(report: Report, master_addr: str, port: int, timeout: float) ->
                    "Lustre, ...) mounted at the same path on every node")
 
 
-def run_doctor(cfg: PipelineConfig, master_addr: str | None = None, port: int = 29500,
-               timeout: float = 10.0) -> Report:
-    report = Report()
+def check_node(report: Report, cfg: PipelineConfig, master_addr: str | None) -> None:
+    """The checks every node needs, rank 0's included: versions, disk, timeout, gloo/NCCL environment."""
     v = versions()
     report.add("versions", "ok", ", ".join(f"{k} {val}" for k, val in v.items()))
     report.add("python executable", "ok", sys.executable)
     check_disk(report, cfg)
     check_timeout(report, cfg)
     check_env(report, master_addr)
+
+
+def run_doctor(cfg: PipelineConfig, master_addr: str | None = None, port: int = 29500,
+               timeout: float = 10.0) -> Report:
+    report = Report()
+    check_node(report, cfg, master_addr)
     if master_addr:
         check_master(report, master_addr, port, timeout)
     return report
 
 
-def serve(port: int, peers: int, timeout: float, checkpoint_dir: str | Path | None = None) -> Report:
-    """Rank 0's side. With `checkpoint_dir`, a marker file there lets each peer check it shares the directory."""
+def checkpoint_root(cfg: PipelineConfig) -> Path:
+    """Where the run's ranks will write checkpoints (the trainer's `<train output>/checkpoints`)."""
+    return cfg.stage_dir("train") / "checkpoints"
+
+
+def serve(port: int, peers: int, timeout: float, checkpoint_dir: str | Path | None = None,
+          cfg: PipelineConfig | None = None) -> Report:
+    """Rank 0's side. With `checkpoint_dir`, a marker file there lets each peer check it shares the directory;
+    with `cfg`, rank 0's own node gets the checks every node gets (disk, timeout, environment) first."""
     report = Report()
+    if cfg is not None:
+        check_node(report, cfg, os.environ.get("MASTER_ADDR"))
     marker = None
     if checkpoint_dir is not None:
         marker = Path(checkpoint_dir) / f".doctor-{uuid.uuid4().hex[:12]}"

@@ -29,7 +29,8 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "tokenizer": ("tokenizer",),
     "data": ("data",),
     "train": ("model", "train"),
-    "finetune": ("finetune",),
+    # `name` and the registry decide what the stage registers and promotes, so they are part of its output.
+    "finetune": ("finetune", "registry", "name"),
 }
 STAGE_CODE: dict[str, tuple[str, ...]] = {
     "corpus": ("corpus",),
@@ -39,7 +40,8 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "finetune": ("finetune", "model", "tokenizer"),
 }
 # Fields that say where or how fast a stage runs, not what it produces.
-_IGNORED_FIELDS = {"output", "num_workers", "num_proc", "runner", "pipeline_options", "register_models"}
+# register_encoder acts after the train stage, outside any stage's cache.
+_IGNORED_FIELDS = {"output", "num_workers", "num_proc", "runner", "pipeline_options", "register_encoder"}
 
 
 def _sha256(obj: Any) -> str:
@@ -80,6 +82,33 @@ def input_fingerprint(paths: list[str]) -> str:
         except Exception:  # noqa: BLE001 - an unreadable input is reported by the corpus stage itself
             entries.append((p, -1, -1))
     return _sha256(sorted(entries))
+
+
+def task_inputs(cfg: PipelineConfig) -> list[str]:
+    """The files the fine-tuning tasks read: a custom task's train/dev/test paths, a GLUE task's folder under
+    finetune.glue_dir (and the AX folders with MNLI). Hub datasets have no local files."""
+    from bertscale.finetune.tasks import GLUE_TASKS, get_task
+
+    custom = {c.name: c for c in cfg.finetune.custom_tasks}
+    paths: list[str] = []
+    for name in cfg.finetune.tasks:
+        if name in custom:  # from the config alone: reading the files (label inference) is the stage's job
+            paths += [p for p in (custom[name].train, custom[name].dev, custom[name].test) if p]
+            continue
+        task = get_task(name)
+        if cfg.finetune.glue_dir is not None:
+            for t in [task] + [t for t in GLUE_TASKS.values() if t.predict_with == task.name]:
+                paths += [str(Path(cfg.finetune.glue_dir) / f) for f in (t.folder or t.name, *t.alt_folders)]
+    return sorted(set(paths))
+
+
+def task_inputs_fingerprint(cfg: PipelineConfig) -> str:
+    """`input_fingerprint` of the fine-tuning task files (sizes and times, as for the raw corpus), with absent
+    paths named, so that adding, editing or removing a task file re-runs the fine-tuning stage."""
+    paths = task_inputs(cfg)
+    present = [p for p in paths if "://" in p or Path(p).exists()]
+    return _sha256({"files": input_fingerprint(present) if present else None,
+                    "absent": [p for p in paths if p not in present]})
 
 
 def stage_fingerprint(cfg: PipelineConfig, stage: str, upstream: list[str], extra: Any = None) -> str:

@@ -184,6 +184,8 @@ def active_run_id() -> str | None:
 # Model Registry
 # ----------------------------------------------------------------------------------------------------------------
 SCORE_TAG = "bertscale.score"
+# What the score measures; the gate compares only scores of the same metric.
+SCORE_METRIC_TAG = "bertscale.score_metric"
 
 
 def _client():
@@ -247,6 +249,8 @@ def promote(name: str, version: str, margin: float = 0.0, higher_is_better: bool
     except MlflowException:
         champ = None
     champ_score = float(champ.tags[SCORE_TAG]) if champ is not None and SCORE_TAG in champ.tags else None
+    metric = new.tags.get(SCORE_METRIC_TAG)
+    champ_metric = champ.tags.get(SCORE_METRIC_TAG) if champ is not None else None
     if champ is None:
         promoted, reason = True, "no champion yet"
     elif str(champ.version) == str(version):
@@ -255,14 +259,25 @@ def promote(name: str, version: str, margin: float = 0.0, higher_is_better: bool
         promoted, reason = False, "the new version has no score"
     elif champ_score is None:
         promoted, reason = True, "the champion has no score"
+    elif metric and champ_metric and metric != champ_metric:
+        promoted, reason = False, f"scored on {metric}, the champion on {champ_metric}: not comparable"
     else:
         gain = (score - champ_score) if higher_is_better else (champ_score - score)
         promoted = gain > margin
-        reason = f"score {score:.4f} vs champion {champ_score:.4f} (margin {margin})"
+        direction = "" if higher_is_better else ", lower is better"
+        reason = f"score {score:.4f} vs champion {champ_score:.4f} (margin {margin}{direction})"
     if promoted:
         client.set_registered_model_alias(name, "champion", version)
     client.set_model_version_tag(name, version, "bertscale.promotion", ("promoted: " if promoted else "kept: ") + reason)
     return Promotion(name, str(version), score, str(champ.version) if champ else None, champ_score, promoted, reason)
+
+
+def find_version(name: str, tag: str, value: str) -> str | None:
+    """The newest version of `name` whose tag `tag` equals `value`, or None (also when `name` is not registered):
+    how a re-run finds what it registered before instead of registering it again."""
+    matches = [int(v.version) for v in _client().search_model_versions(f"name='{name}'")
+               if v.tags.get(tag) == value]
+    return str(max(matches)) if matches else None
 
 
 def resolve_model_uri(uri: str, dst: str | Path | None = None) -> Path:
@@ -321,3 +336,32 @@ def show_model(name: str) -> dict[str, Any]:
     return {"name": name, "versions": [
         {"version": str(v.version), "aliases": sorted(by_version.get(str(v.version), [])), "run_id": v.run_id,
          "score": v.tags.get(SCORE_TAG), "tags": dict(v.tags), "source": v.source} for v in versions]}
+
+
+def register_encoder(cfg: PipelineConfig, hf_dir: str | Path, metrics: Mapping[str, float], run_id: str,
+                     fingerprint: str, lineage: Mapping[str, str]) -> dict[str, Any]:
+    """Register a pretraining run's HF export as `<cfg.name>-encoder` and pass it through the promotion gate on
+    `registry.encoder_metric` (a `...loss` is lower-is-better). The export is logged into the pretraining run
+    itself. A version already registered for this training fingerprint is reused, so a re-run whose training
+    stage was cached registers nothing new."""
+    name = f"{cfg.name}-encoder"
+    metric = cfg.registry.encoder_metric
+    info: dict[str, Any] = {"name": name, "metric": metric}
+    version = find_version(name, "bertscale.fingerprint", fingerprint)
+    if version is not None:
+        # Gated when it was registered; gating it again would move `challenger` back from a newer version.
+        recorded = _client().get_model_version(name, version).tags
+        return {**info, "version": version, "uri": f"models:/{name}/{version}", "registered_now": False,
+                "score": float(recorded[SCORE_TAG]) if SCORE_TAG in recorded else None,
+                "promotion": recorded.get("bertscale.promotion", "")}
+    score = metrics.get(metric)
+    if score is None:
+        log.warning("pretraining logged no %s (no held-out set?); %s is registered without a score and becomes "
+                    "champion only if there is none", metric, name)
+    tags = {**lineage, "bertscale.fingerprint": fingerprint, "bertscale.pretrain_run_id": run_id,
+            SCORE_METRIC_TAG: metric}
+    with stage_run(cfg, "pretrain", run_id=run_id):
+        version = register_model(hf_dir, name, score=score, tags=tags)
+    gate = promote(name, version, cfg.registry.encoder_margin, higher_is_better=not metric.endswith("loss"))
+    return {**info, "version": version, "uri": f"models:/{name}/{version}", "registered_now": True,
+            "score": gate.score, "promotion": ("promoted: " if gate.promoted else "kept: ") + gate.reason}

@@ -2,9 +2,11 @@
 fine-tuning -> registration and promotion, described by one config file.
 
 Every stage output is content-addressed (`bertscale.lineage`): `<workdir>/<stage>/<fingerprint>/`, with the
-fingerprint covering the upstream fingerprints, the stage's config sections and its code. Prefect caches each
-stage on that key, and the completion marker backs the cache up, so a re-run skips finished stages; a changed
-config re-runs that stage and everything after it; a failed stage leaves no marker and is never reused.
+fingerprint covering the upstream fingerprints (or the raw input files: the corpus, the fine-tuning task files),
+the stage's config sections and its code. Prefect caches each stage on that key, and the completion marker backs
+the cache up, so a re-run skips finished stages; a changed config re-runs that stage and everything after it; a
+failed stage leaves no marker and is never reused. After training, the encoder is registered as `<name>-encoder`
+and gated, once per training fingerprint; fine-tuning registers and gates each task's model.
 """
 
 from __future__ import annotations
@@ -100,7 +102,9 @@ def run_pipeline(cfg: PipelineConfig, until: str = "finetune") -> dict[str, dict
             tok = _submit(cfg, "tokenizer", [corpus["fingerprint"]], {"corpus": corpus["output_dir"]}, tags,
                           parent, extra)
             results["tokenizer"] = tok
-            tags = {**tags, "bertscale.tokenizer_fingerprint": tok["fingerprint"]}
+            # Two different hashes, two names: the vocabulary's content hash, and the stage output's fingerprint.
+            tags = {**tags, "bertscale.tokenizer_fingerprint": _vocabulary_hash(tok["output_dir"]),
+                    "bertscale.tokenizer_stage_fingerprint": tok["fingerprint"]}
         if "data" in wanted:
             data = _submit(cfg, "data", [corpus["fingerprint"], tok["fingerprint"]],
                            {"corpus": corpus["output_dir"], "tokenizer": tok["output_dir"]}, tags, parent)
@@ -108,14 +112,25 @@ def run_pipeline(cfg: PipelineConfig, until: str = "finetune") -> dict[str, dict
         if "train" in wanted:
             train = _submit(cfg, "train", [data["fingerprint"], tok["fingerprint"]],
                             {"data": data["output_dir"], "tokenizer": tok["output_dir"]}, tags, parent)
-            results["train"] = train
             tags = {**tags, "bertscale.pretrain_run_id": str(train.get("mlflow_run_id"))}
+            if cfg.registry.register_encoder and train.get("mlflow_run_id"):
+                train = {**train, "encoder": tracking.register_encoder(
+                    cfg, train["hf_dir"], train.get("metrics") or {}, train["mlflow_run_id"], train["fingerprint"],
+                    tags)}
+            results["train"] = train
         if "finetune" in wanted:
             results["finetune"] = _submit(cfg, "finetune", [train["fingerprint"]],
-                                          {"checkpoint": train["hf_dir"]}, tags, parent)
+                                          {"checkpoint": train["hf_dir"]}, tags, parent,
+                                          lineage.task_inputs_fingerprint(cfg))
         tracking.set_tags({f"bertscale.{k}.reused": str(v.get("reused")) for k, v in results.items()})
     _report(cfg, results)
     return results
+
+
+def _vocabulary_hash(tokenizer_dir: str) -> str:
+    from bertscale.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    return tokenizer_fingerprint(load_tokenizer(tokenizer_dir))
 
 
 def _report(cfg: PipelineConfig, results: dict[str, dict]) -> None:
@@ -132,6 +147,10 @@ def print_where_to_look(cfg: PipelineConfig, results: dict[str, dict]) -> None:
     print("\nbertscale pipeline finished:")
     for stage, r in results.items():
         print(f"  {stage:<10} {'reused' if r.get('reused') else 'ran   '}  {r.get('output_dir')}")
+    encoder = (results.get("train") or {}).get("encoder")
+    if encoder:
+        print(f"\nencoder: {encoder['uri']} ({encoder['promotion']}); fine-tune it with "
+              f"--checkpoint models:/{encoder['name']}@champion")
     finetune = results.get("finetune")
     if finetune:
         print("\nGLUE results (dev):")

@@ -13,6 +13,7 @@ from prefect import flow, get_run_logger, task
 from bertscale import tracking
 from bertscale.config import PipelineConfig, dump_config
 from bertscale.errors import BertscaleError
+from bertscale.train.launch import output_lines
 from pipelines import runtime
 
 
@@ -41,14 +42,12 @@ def pretrain_tracked(cfg: PipelineConfig, data: str | None = None, tokenizer: st
         env["BERTSCALE_MLFLOW_RUN_ID"] = run_id
     cmd = _launch_command(config_file, data, tokenizer, launcher)
     logger.info("launching: %s", " ".join(cmd))
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    # Binary, so the progress bar's carriage returns survive to `output_lines`, which drops its redraws.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0)
     tail: list[str] = []
     assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip()
-        # Progress-bar redraws are noise in a flow log; everything else is streamed.
-        if line and "\r" not in line:
-            logger.info(line)
+    for line in output_lines(proc.stdout):
+        logger.info(line)
         tail = (tail + [line])[-20:]
     code = proc.wait()
     tracking.end_run(run_id, "FINISHED" if code == 0 else "FAILED")

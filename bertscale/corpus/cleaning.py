@@ -71,12 +71,25 @@ def remove_control_chars(text: str) -> str:
     return _CONTROL.sub("", _NEWLINES.sub("\n", text))
 
 
-_HTML_COMMENT = re.compile(r"<!--.*?-->", re.S)
-_HTML_BLOCK = re.compile(r"<(script|style|ref|math|gallery|timeline)\b[^>]*>.*?</\1\s*>", re.S | re.I)
-_HTML_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9]*(?:\s[^<>]*)?/?>")
+# Blocks whose content is not running text (comments, citations, scripts): removed with their content. A
+# self-closing `<ref name="a" />` opens no block, so the text after it survives.
+_BLOCK_TAGS = ("script", "style", "ref", "math", "gallery", "timeline")
+_BLOCK_OPEN = re.compile(rf"<!--|<({'|'.join(_BLOCK_TAGS)})\b[^<>]*(?<!/)>", re.I)
+_BLOCK_CLOSE = {"!--": re.compile("-->"),
+                **{tag: re.compile(rf"</{tag}\s*>", re.I) for tag in _BLOCK_TAGS}}
+# Only known HTML/wiki tag names, so that comparisons in running text ("if x<y and y>z") are kept.
+_TAG_NAMES = (
+    "a abbr b bdi bdo big blockquote body br caption center cite code col colgroup dd del dfn div dl dt em "
+    "font h1 h2 h3 h4 h5 h6 head hr html i img includeonly ins kbd li link mark math meta noinclude nowiki ol "
+    "onlyinclude p poem pre q rb rp rt ruby s samp section small source span strike strong sub sup "
+    "syntaxhighlight table tbody td templatestyles tfoot th thead time tr tt u ul var wbr references ref "
+    "gallery timeline score chem ce script style"
+).split()
+_HTML_TAG = re.compile(rf"</?(?:{'|'.join(_TAG_NAMES)})\b(?:\s[^<>]*)?/?>", re.I)
 _WIKI_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
 _WIKI_LINK = re.compile(r"\[\[(?:[^\[\]|]*\|)?([^\[\]]*)\]\]")
-_WIKI_EXT_LINK = re.compile(r"\[(?:https?|ftp)://[^\s\]]+\s*([^\]]*)\]")
+# Possessive URL and no brackets or newlines in the label: an unclosed "[http://..." costs one bounded scan.
+_WIKI_EXT_LINK = re.compile(r"\[(?:https?|ftp)://[^\s\[\]]++\s*([^\[\]\n]*)\]")
 _WIKI_EMPHASIS = re.compile(r"'{2,5}")
 _WIKI_HEADING = re.compile(r"^(={1,6})\s*(.*?)\s*\1\s*$", re.M)
 _WIKI_TABLE_LINE = re.compile(r"^\s*(?:\{\||\|\}|\|-).*$", re.M)
@@ -87,11 +100,33 @@ _EMPTY_BRACKETS = re.compile(r"[(\[][\s,;:]*[)\]]")
 _LEADING_BRACKET_PUNCT = re.compile(r"\([\s,;:]*[,;:][\s,;:]*")
 
 
+def remove_blocks(text: str) -> str:
+    """Drop comments and <ref>/<script>/... blocks with their content, in time linear in the text length.
+
+    A lazy `<ref>.*?</ref>` regex rescans the rest of the text from every unclosed opening tag (quadratic). Here
+    each opening searches forward once for its closing tag; when there is none, no later opening of that kind
+    can be closed either, so that kind is not searched again and its openings are left to the tag pass.
+    """
+    pieces: list[str] = []
+    kept_from = pos = 0
+    unclosed: set[str] = set()
+    while (match := _BLOCK_OPEN.search(text, pos)) is not None:
+        kind = (match.group(1) or "!--").lower()
+        close = None if kind in unclosed else _BLOCK_CLOSE[kind].search(text, match.end())
+        if close is None:
+            unclosed.add(kind)
+            pos = match.end()
+            continue
+        pieces.append(text[kept_from:match.start()])
+        kept_from = pos = close.end()
+    pieces.append(text[kept_from:])
+    return "".join(pieces)
+
+
 def strip_markup(text: str) -> str:
     """Remove HTML tags and comments, entities, and wiki markup remnants, keeping the visible text."""
     if "<" in text:
-        text = _HTML_COMMENT.sub("", text)
-        text = _HTML_BLOCK.sub("", text)
+        text = remove_blocks(text)
         text = _HTML_TAG.sub("", text)
     if "&" in text:
         text = html.unescape(text)

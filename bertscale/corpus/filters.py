@@ -16,7 +16,16 @@ from bertscale.config import FilterConfig
 
 # A word "is alphabetic" (Gopher) when it contains at least one letter of any script.
 _HAS_LETTER = re.compile(r"[^\W\d_]")
-_TERMINAL_PUNCT = (".", "!", "?", '"', "'", "\u201d", "\u2019", "\u2026", ")", ":", ";")
+_TERMINAL_PUNCT = (".", "!", "?", '"', "'", "\u201d", "\u2019", "\u2026", ")", ":", ";",
+                   "\u3002", "\uff01", "\uff1f", "\u300d", "\u0964", "\u0965")
+# Scripts written without spaces between words: Hiragana, Katakana, CJK ideographs (with extensions and
+# compatibility forms), half-width Katakana, Thai. Each of their characters counts as one word (Thai vowel and tone
+# marks stay with their consonant), so a Chinese or Thai document is not a handful of huge "words".
+_UNSPACED_RANGES = ("\u0e01-\u0e30\u0e32\u0e33\u0e3f-\u0e46\u0e4f-\u0e5b\u3040-\u30ff\u3400-\u4dbf"
+                    "\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003134f")
+_THAI_MARKS = "\u0e31\u0e34-\u0e3a\u0e47-\u0e4e"
+_UNSPACED = re.compile(f"[{_UNSPACED_RANGES}]")
+_WORD = re.compile(f"[{_UNSPACED_RANGES}][{_THAI_MARKS}]*|[^\\s{_UNSPACED_RANGES}{_THAI_MARKS}]+")
 
 
 class DocView:
@@ -27,7 +36,9 @@ class DocView:
 
     @cached_property
     def words(self) -> list[str]:
-        return self.text.split()
+        if self.text.isascii() or not _UNSPACED.search(self.text):
+            return self.text.split()
+        return _WORD.findall(self.text)
 
     @cached_property
     def lines(self) -> list[str]:
@@ -38,8 +49,13 @@ class DocView:
         return [p for p in self.text.split("\n\n") if p]
 
     @cached_property
-    def mean_word_length(self) -> float:
-        return sum(map(len, self.words)) / len(self.words) if self.words else 0.0
+    def mean_word_length(self) -> float | None:
+        """Over space-delimited words only; None (the length rules pass) when most words are unspaced-script
+        characters, for which the Gopher word-length bounds mean nothing."""
+        spaced = [w for w in self.words if not _UNSPACED.match(w)]
+        if not self.words or len(spaced) * 2 < len(self.words):
+            return None if self.words else 0.0
+        return sum(map(len, spaced)) / len(spaced)
 
 
 class Rule(Protocol):
@@ -107,7 +123,7 @@ class MinMeanWordLength:
     name: str = "min_mean_word_length"
 
     def keep(self, doc: DocView) -> bool:
-        return doc.mean_word_length >= self.threshold
+        return doc.mean_word_length is None or doc.mean_word_length >= self.threshold
 
 
 @dataclass(frozen=True)
@@ -116,7 +132,7 @@ class MaxMeanWordLength:
     name: str = "max_mean_word_length"
 
     def keep(self, doc: DocView) -> bool:
-        return doc.mean_word_length <= self.threshold
+        return doc.mean_word_length is None or doc.mean_word_length <= self.threshold
 
 
 @dataclass(frozen=True)

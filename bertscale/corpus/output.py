@@ -19,6 +19,8 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from bertscale.config import is_uri
+
 SHARD_SCHEMA = pa.schema([
     ("doc_id", pa.string()),
     ("text", pa.string()),
@@ -54,10 +56,27 @@ def read_json(path: str) -> object:
     return json.loads(read_bytes(path))
 
 
+def write_json_atomic(path: str, obj: object) -> None:
+    """`write_json` through a temporary name and a rename, so readers never see a half-written file."""
+    tmp = path + ".tmp"
+    write_json(tmp, obj)
+    delete_matching(path)  # object stores' rename is copy + delete and may refuse to overwrite
+    FileSystems.rename([tmp], [path])
+
+
 def delete_matching(pattern: str) -> None:
     paths = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
     if paths:
         FileSystems.delete(paths)
+
+
+def delete_tree(path: str) -> None:
+    """Remove a directory and everything under it. Object stores have no directories, only names under a
+    prefix, so for a URI every object under `path/` is deleted."""
+    if is_uri(path):
+        delete_matching(join(path, "**"))
+    elif FileSystems.exists(path):
+        FileSystems.delete([path])
 
 
 def metadata_json(metadata: dict) -> str:

@@ -17,6 +17,8 @@ for tests that Beam's output equals it byte for byte.
 
 from __future__ import annotations
 
+import difflib
+import hashlib
 import logging
 import os
 import time
@@ -27,9 +29,8 @@ from pathlib import Path
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.io.filesystems import FileSystems
 
-from bertscale.config import CorpusConfig, PipelineConfig, RunnerConfig
+from bertscale.config import CorpusConfig, PipelineConfig, RunnerConfig, is_uri
 from bertscale.corpus.cleaning import clean_text
 from bertscale.corpus.dedup import (
     MinHasher,
@@ -45,17 +46,21 @@ from bertscale.corpus.filters import RULE_NAMES, build_rules, first_failed_rule
 from bertscale.corpus.output import (
     SpillWriter,
     delete_matching,
+    delete_tree,
     file_fingerprint,
     join,
     metadata_json,
+    read_bytes,
     read_json,
     read_spill,
     write_json,
+    write_json_atomic,
     write_quarantine,
     write_shards,
 )
 from bertscale.corpus.readers import (
     InputFile,
+    Record,
     Rejected,
     WorkUnit,
     doc_sort_key,
@@ -65,7 +70,7 @@ from bertscale.corpus.readers import (
     read_unit,
 )
 from bertscale.corpus.sentences import split_sentences
-from bertscale.errors import InputError
+from bertscale.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 BASE_COUNTS = ("read", "passed", "kept", "filtered", "duplicates", "exact_duplicates", "near_duplicates",
@@ -108,22 +113,35 @@ class UnitProcessor:
         quarantine: list[dict] = []
         keys = UnitKeys(index)
         writer = SpillWriter(spill_path(self.work_dir, index))
-        for item in read_unit(unit, self.cfg, counts):
+        for item in guarded_records(unit, self.cfg, counts):
             counts["read"] += 1
+            if isinstance(item, Record):
+                if item.invalid_bytes:
+                    counts["utf8_repaired_docs"] += 1
+                    counts["invalid_utf8_bytes"] += item.invalid_bytes
+                item = self._guarded_document(unit, item, counts, keys, writer)
             if isinstance(item, Rejected):
                 counts["quarantined"] += 1
                 quarantine.append({"file": unit.file.path, "position": item.position, "reason": item.reason})
-                continue
-            if item.invalid_bytes:
-                counts["utf8_repaired_docs"] += 1
-                counts["invalid_utf8_bytes"] += item.invalid_bytes
-            self._document(unit, item.position, item.text, item.metadata, counts, keys, writer)
         writer.close()
         write_json(sidecar_path(self.work_dir, index), {"counts": dict(counts), "quarantine": quarantine})
         return keys
 
+    def _guarded_document(self, unit: WorkUnit, record: Record, counts: Counter[str], keys: UnitKeys,
+                          writer: SpillWriter) -> Rejected | None:
+        """`_document`, with any error it raises turned into a quarantined record: one pathological document
+        must cost that document, not the whole job."""
+        try:
+            self._document(unit, record.position, record.text, record.metadata, counts, keys, writer)
+        except Exception as err:
+            log.warning("corpus: %s position %d failed and is quarantined", unit.file.path, record.position,
+                        exc_info=True)
+            return Rejected(record.position, _failure_reason("processing failed", err))
+        return None
+
     def _document(self, unit: WorkUnit, position: int, raw: str, metadata: dict, counts: Counter[str],
                   keys: UnitKeys, writer: SpillWriter) -> None:
+        # Everything is computed before anything is recorded, so a failure part-way leaves no trace of the document.
         text = clean_text(raw, self.cfg.normalization, self.cfg.strip_markup)
         rule = first_failed_rule(text, self.rules)
         if rule is not None:
@@ -131,16 +149,35 @@ class UnitProcessor:
             counts[f"filtered_{rule}"] += 1
             return
         doc_id = make_doc_id(unit.file.rel, position)
-        signature = None
-        if self.cfg.dedup.exact:
-            keys.exact.append((exact_key(text), doc_id))
-        if self.hasher is not None:
-            signature = self.hasher.signature(text)
-            keys.bands.extend((k, doc_id) for k in band_keys(signature, self.bands, self.rows))
+        signature = self.hasher.signature(text) if self.hasher is not None else None
+        bands = band_keys(signature, self.bands, self.rows) if signature is not None else []
+        exact = exact_key(text) if self.cfg.dedup.exact else None
         sentences = split_sentences(text, self.cfg.min_sentence_chars)
-        writer.add(doc_id, text, sentences, unit.file.path, metadata_json(metadata),
-                   None if signature is None else signature.tobytes())
+        meta = metadata_json(metadata)
+        if exact is not None:
+            keys.exact.append((exact, doc_id))
+        keys.bands.extend((k, doc_id) for k in bands)
+        writer.add(doc_id, text, sentences, unit.file.path, meta, None if signature is None else signature.tobytes())
         counts["passed"] += 1
+
+
+def _failure_reason(what: str, err: BaseException) -> str:
+    first_line = (str(err).splitlines() or [""])[0]
+    return f"{what}: {type(err).__name__}: {first_line[:200]}"
+
+
+def guarded_records(unit: WorkUnit, cfg: CorpusConfig, counts: Counter[str]) -> Iterator[Record | Rejected]:
+    """`read_unit`, with an unexpected reader error turned into one rejected record (the records before it are
+    kept, as for a truncated archive) instead of an exception that fails the job."""
+    last = unit.start
+    try:
+        for item in read_unit(unit, cfg, counts):
+            last = item.position
+            yield item
+    except Exception as err:
+        log.warning("corpus: reading %s failed after position %d", unit.file.path, last, exc_info=True)
+        yield Rejected(last, _failure_reason(f"reader failed after position {last}", err) + "; records before "
+                             "it were kept")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -199,10 +236,63 @@ def write_json_to(obj: object, path: str) -> None:
     write_json(path, obj)
 
 
+def _runner_names() -> dict[str, str]:
+    """Beam's own runner lookup: a runner's class name, case-insensitive, with or without the `Runner` suffix."""
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    names = {path.rsplit(".", 1)[-1]: path for path in StandardOptions.ALL_KNOWN_RUNNERS}
+    return {**{n.lower(): n for n in names}, **{n.lower().removesuffix("runner"): n for n in names}}
+
+
+def check_runner_name(name: str, field: str = "corpus.runner.runner") -> None:
+    """ConfigError for a runner Beam would not find (a typo), naming the closest known runner."""
+    if "." in name:  # a fully qualified PipelineRunner class; Beam imports it itself
+        return
+    known = _runner_names()
+    if name.lower() not in known:
+        close = difflib.get_close_matches(name.lower(), known, n=1)
+        hint = f"did you mean {known[close[0]]}? " if close else ""
+        raise ConfigError(f"{field}={name!r} is not a Beam runner: {hint}use one of "
+                          f"{', '.join(sorted(set(known.values())))} or a fully qualified runner class")
+
+
+def check_pipeline_options(flags: list[str]) -> None:
+    """ConfigError for options no Beam options class knows: Beam would only log a warning and drop them."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    malformed = [f for f in flags if not f.startswith("--") or f == "--"]
+    if malformed:
+        raise ConfigError(f"corpus.runner.pipeline_options {malformed} must be of the form --name=value")
+    options = PipelineOptions(flags)
+    beam_log = logging.getLogger("apache_beam.options.pipeline_options")
+    level = beam_log.level
+    beam_log.setLevel(logging.ERROR)  # Beam warns about what it drops; the ConfigError below says it better
+    try:
+        known = set(options.get_all_options())
+    finally:
+        beam_log.setLevel(level)
+    unknown = sorted(set(options.get_all_options(retain_unknown_options=True)) - known)
+    if unknown:
+        hints = [f"--{u} (did you mean --{close[0]}?)" if (close := difflib.get_close_matches(u, known, n=1))
+                 else f"--{u}" for u in unknown]
+        raise ConfigError(f"corpus.runner.pipeline_options: unknown Beam option(s) {', '.join(hints)}; fix or "
+                          "remove them (Beam would silently drop them)")
+    for flag in flags:
+        if flag.startswith("--runner="):
+            check_runner_name(flag.split("=", 1)[1], "corpus.runner.pipeline_options --runner")
+
+
+def validate_runner(runner: RunnerConfig) -> None:
+    """Reject a misspelt runner or an unknown pipeline option up front, before any input is read."""
+    check_runner_name(runner.runner)
+    check_pipeline_options(list(runner.pipeline_options))
+
+
 def beam_options(runner: RunnerConfig):
     """Pipeline options: the local DirectRunner in multi-processing mode (never Prism), or any runner's flags."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
+    validate_runner(runner)
     args = [f"--runner={runner.runner}"]
     if runner.runner in ("DirectRunner", "direct"):
         workers = runner.num_workers or os.cpu_count() or 1
@@ -263,11 +353,14 @@ def _run_in_process(cfg: CorpusConfig, units: list[WorkUnit], files: list[InputF
 # ------------------------------------------------------------------------------------------------------------
 @dataclass
 class CorpusResult:
-    output_dir: Path
-    manifest_path: Path
+    """Where the stage wrote (a Path for a local output, the URI string for gs:// & co.) and what it counted."""
+
+    output_dir: Path | str
+    manifest_path: Path | str
     manifest: dict
     counts: dict[str, int]
     seconds: float = 0.0
+    manifest_sha256: str = ""
 
     def summary(self) -> str:
         c = self.counts
@@ -367,17 +460,23 @@ def finalize(cfg: PipelineConfig, units: list[WorkUnit], files: list[InputFile],
                    "metadata": "string (JSON object)"},
         "lsh": dict(zip(("bands", "rows"), lsh_params(cfg.corpus.dedup.threshold, cfg.corpus.dedup.num_perm))),
     }
-    write_json(join(out_dir, "manifest.json"), manifest)
+    write_json_atomic(join(out_dir, "manifest.json"), manifest)
     return manifest, counts
 
 
 def _prepare(cfg: PipelineConfig) -> tuple[list[InputFile], list[WorkUnit], str, str]:
     files = expand_inputs(cfg.corpus.inputs)
     units = plan_units(files, cfg.corpus)
-    out_dir = str(cfg.stage_dir("corpus"))
+    out_dir = cfg.stage_location("corpus")  # a URI stays a string: Path("gs://b") would be "gs:/b"
     work_dir = cfg.corpus.work_dir or join(out_dir, "_work")
+    # A manifest means a complete output: a run that fails from here on must not leave the previous one behind.
+    delete_matching(join(out_dir, "manifest.json"))
     delete_matching(join(work_dir, "units", "unit-*"))
     return files, units, out_dir, work_dir
+
+
+def _local_or_uri(location: str) -> Path | str:
+    return location if is_uri(location) else Path(location)
 
 
 def _run(cfg: PipelineConfig, progress: bool, engine) -> CorpusResult:
@@ -387,15 +486,18 @@ def _run(cfg: PipelineConfig, progress: bool, engine) -> CorpusResult:
     engine(cfg.corpus, units, files, work_dir)
     manifest, counts = finalize(cfg, units, files, work_dir, out_dir, progress)
     if not cfg.corpus.work_dir:
-        FileSystems.delete([work_dir])
-    result = CorpusResult(Path(out_dir), Path(join(out_dir, "manifest.json")), manifest,
-                          {k: int(v) for k, v in counts.items()}, time.perf_counter() - start)
+        delete_tree(work_dir)
+    manifest_path = join(out_dir, "manifest.json")
+    result = CorpusResult(_local_or_uri(out_dir), _local_or_uri(manifest_path), manifest,
+                          {k: int(v) for k, v in counts.items()}, time.perf_counter() - start,
+                          hashlib.sha256(read_bytes(manifest_path)).hexdigest())
     log.info("corpus stage done in %.1f s", result.seconds)
     return result
 
 
 def run_corpus(cfg: PipelineConfig, progress: bool = True) -> CorpusResult:
     """Run the corpus stage with the configured Beam runner (local multi-processing by default)."""
+    validate_runner(cfg.corpus.runner)
     return _run(cfg, progress, _run_beam)
 
 

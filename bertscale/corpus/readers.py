@@ -30,7 +30,7 @@ import zstandard
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from bertscale.config import CorpusConfig
+from bertscale.config import CorpusConfig, is_uri
 from bertscale.corpus.cleaning import DecodeError, decode_utf8
 from bertscale.errors import InputError
 
@@ -89,7 +89,7 @@ def doc_sort_key(doc_id: str) -> tuple[str, int]:
 # Discovery
 # ------------------------------------------------------------------------------------------------------------
 def _is_local(path: str) -> bool:
-    return "://" not in path
+    return not is_uri(path)
 
 
 def _match(pattern: str) -> list:
@@ -101,6 +101,10 @@ def _match(pattern: str) -> list:
 
 def _match_spec(spec: str) -> tuple[list, str]:
     """Matched file metadata of one input spec, and the root that document names are made relative to."""
+    if _is_local(spec):
+        # Document ids are made relative to the input's parent directory: resolving first makes `corpus`,
+        # `./corpus` and `/abs/corpus` give the same ids (a relative dir would otherwise have the root '').
+        spec = os.path.abspath(spec)
     if _GLOB.search(spec):
         prefix = spec[: _GLOB.search(spec).start()]
         root = posixpath.dirname(posixpath.dirname(prefix))  # names keep the globbed directory's own name
@@ -418,6 +422,10 @@ def _json_record(off: int, line: bytes, cfg: CorpusConfig) -> Record | Rejected:
         obj = json.loads(decoded.text)
     except json.JSONDecodeError as err:
         return Rejected(off, f"malformed JSON line: {err.msg} at column {err.colno}")
+    except ValueError as err:  # e.g. an integer longer than Python's int-parsing digit limit
+        return Rejected(off, f"unparseable JSON line: {str(err).splitlines()[0][:200]}")
+    except RecursionError:
+        return Rejected(off, "JSON line nested too deeply to parse")
     if not isinstance(obj, dict):
         return Rejected(off, f"JSON line is a {type(obj).__name__}, not an object")
     if cfg.text_field not in obj:

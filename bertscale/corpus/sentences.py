@@ -1,9 +1,10 @@
 """Rule-based sentence segmentation for next-sentence prediction (no model, no extra dependency).
 
 Boundaries are terminal punctuation (. ! ? and ellipses), optionally followed by closing quotes or brackets, then
-whitespace. A boundary is rejected after a known abbreviation ("Dr.", "e.g."), after a single-letter initial
-("J. R. R. Tolkien"), and before a lowercase continuation ("approx. five", "wait... and"). Decimals never match
-because a boundary needs whitespace after the punctuation. Blank lines are paragraph boundaries; a single line
+whitespace; CJK 。！？ and the Devanagari danda end a sentence with or without whitespace after them. A boundary
+is rejected after a known abbreviation ("Dr.", "e.g."), after a single-letter initial ("J. R. R. Tolkien"), and
+before a lowercase continuation ("approx. five", "wait... and"). Decimals never match because a Latin boundary
+needs whitespace after the punctuation. Blank lines are paragraph boundaries; a single line
 break is a boundary only after terminal punctuation, so hard-wrapped text (Project Gutenberg) is re-joined while
 one-paragraph-per-line text (Wikipedia) keeps its paragraphs apart.
 """
@@ -21,9 +22,16 @@ ABBREVIATIONS: frozenset[str] = frozenset(
     """.split()
 )
 
-_BOUNDARY = re.compile(r"(?:[.!?\u2026]+)[\"'\u201d\u2019)\]]*\s+")
+# Closing quotes and brackets that may follow terminal punctuation, Latin and CJK.
+_CLOSERS = "\"'\u201d\u2019)]\u300d\u300f\u3011\u3015\uff09\uff3d"
+# CJK full stops and marks (。！？) and the Devanagari danda (। ॥) end a sentence without a following space:
+# Chinese and Japanese put none, and Hindi text often runs on after a danda.
+_NO_SPACE_TERMINALS = "\u3002\uff01\uff1f\u0964\u0965"
+_OPENERS = "\u300c\u300e\u3010\u3014\uff08\u201c\"("
+_CLOSE = f"[{re.escape(_CLOSERS)}]*"
+_BOUNDARY = re.compile(rf"[.!?\u2026]+{_CLOSE}\s+|[{_NO_SPACE_TERMINALS}]+{_CLOSE}\s*")
 _ACRONYM = re.compile(r"(?:[a-z]\.)+[a-z]")
-_HARD_LINE_END = re.compile(r"[.!?\u2026:][\"'\u201d\u2019)\]]*$")
+_HARD_LINE_END = re.compile(rf"[.!?\u2026:{_NO_SPACE_TERMINALS}]{_CLOSE}$")
 
 
 def _is_boundary(block: str, match: re.Match[str]) -> bool:
@@ -34,6 +42,9 @@ def _is_boundary(block: str, match: re.Match[str]) -> bool:
     if block[end].islower():
         return False
     punct_at = match.start()
+    if block[punct_at] in _NO_SPACE_TERMINALS:
+        # 「はい。」と答えた: a quoted sentence that runs straight on into its own sentence does not end it.
+        return block[end - 1] not in _CLOSERS or block[end] in _OPENERS
     if block[punct_at] != ".":
         return True
     if punct_at + 1 < len(block) and block[punct_at + 1] == ".":

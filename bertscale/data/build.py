@@ -37,7 +37,7 @@ from bertscale.data.instances import (
     materialize,
     split_long_sentences,
 )
-from bertscale.errors import ConfigError, InputError
+from bertscale.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,6 @@ FORMAT_VERSION = 1
 # Bump when the tokenized cache's content changes meaning (it keys datasets' cache with the inputs).
 TOKENIZE_VERSION = "1"
 SPLITS = ("train", "heldout")
-MIN_SEQ_LEN = 8  # [CLS] A [SEP] B [SEP] needs room for a few tokens of each segment
 
 
 @dataclass
@@ -314,9 +313,6 @@ def build_pretraining_data(cfg: PipelineConfig, corpus: str | Path | None = None
                            tokenizer: str | Path | None = None) -> DataResult:
     """Tokenize the corpus and write instances for every phase in `cfg.data.seq_lengths` (see module doc)."""
     t0 = time.perf_counter()
-    too_short = [L for L in cfg.data.seq_lengths if L < MIN_SEQ_LEN]
-    if too_short:
-        raise ConfigError(f"data.seq_lengths {too_short} are below {MIN_SEQ_LEN}: use lengths such as 128 or 512")
     corpus_dir = Path(corpus) if corpus else cfg.stage_dir("corpus")
     tok_path = Path(tokenizer) if tokenizer else cfg.stage_dir("tokenizer")
     out = cfg.stage_dir("data")

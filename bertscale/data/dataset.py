@@ -89,8 +89,12 @@ class PretrainingDataset:
     def vocab_size(self) -> int:
         return int(self.manifest["tokenizer"]["vocab_size"])
 
-    def check_compatible(self, vocab_size: int, max_position_embeddings: int) -> None:
-        """ConfigError at start-up, not an index error mid-training, when the model cannot take this data."""
+    def check_compatible(self, vocab_size: int, max_position_embeddings: int, tokenizer: Any | None = None) -> None:
+        """ConfigError at start-up, not an index error mid-training, when the model cannot take this data.
+
+        With `tokenizer` (the `tokenizers.Tokenizer` training will use), also check that it is the one the data
+        was built with: a retrained tokenizer of the same size gives other ids, which train silently on garbage.
+        """
         if self.vocab_size != vocab_size:
             raise ConfigError(
                 f"{self.root} was tokenized with a {self.vocab_size}-token vocabulary but the model has "
@@ -101,6 +105,25 @@ class PretrainingDataset:
             raise ConfigError(
                 f"phase seq_len={self.seq_len} exceeds model.max_position_embeddings={max_position_embeddings}"
             )
+        if tokenizer is not None:
+            self.check_tokenizer(tokenizer)
+
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        """ConfigError unless `tokenizer` has the fingerprint and special token ids recorded in the manifest."""
+        from bertscale.tokenizer import special_ids, tokenizer_fingerprint
+
+        built = self.manifest["tokenizer"]
+        rebuild = (f"use the tokenizer the data was built with ({built.get('path')}), or rebuild the data with "
+                   "this tokenizer (`bertscale data --tokenizer DIR`)")
+        ids = special_ids(tokenizer)
+        if ids != self.special_ids:
+            raise ConfigError(f"{self.root} was built with special token ids {self.special_ids} but the tokenizer "
+                              f"has {ids}: {rebuild}")
+        fingerprint = tokenizer_fingerprint(tokenizer)
+        if fingerprint != built.get("fingerprint"):
+            raise ConfigError(f"{self.root} was built with another tokenizer (fingerprint "
+                              f"{str(built.get('fingerprint'))[:16]}, not {fingerprint[:16]}: same size, but other "
+                              f"tokens or normalization): {rebuild}")
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not -self._len <= i < self._len:

@@ -84,6 +84,21 @@ def compute(metric_names: Sequence[str], labels: Sequence, preds: Sequence) -> d
     return out
 
 
+# The leaderboard's nine entries; MNLI is one entry, the mean of matched and mismatched.
+GLUE_ENTRIES = ("CoLA", "SST-2", "MRPC", "STS-B", "QQP", "MNLI", "QNLI", "RTE", "WNLI")
+
+
+def glue_entries(task_scores: Mapping[str, float]) -> set[str]:
+    """The leaderboard entries `task_scores` covers (MNLI-m and MNLI-mm both count as MNLI; AX never counts)."""
+    return {"MNLI" if name in ("MNLI-m", "MNLI-mm") else name for name in task_scores if name != "AX"}
+
+
+def is_complete_glue(task_scores: Mapping[str, float]) -> bool:
+    """True when every one of the nine entries is there, MNLI with both dev sets: only then is the average the
+    GLUE score."""
+    return set(GLUE_ENTRIES) <= glue_entries(task_scores) and {"MNLI-m", "MNLI-mm"} <= set(task_scores)
+
+
 def glue_average(task_scores: Mapping[str, float]) -> float:
     """The GLUE score: the mean of the task scores (each already the mean of its metrics), as the leaderboard
     computes it. MNLI-m and MNLI-mm given separately first average into one MNLI score (the leaderboard's BERT-base

@@ -75,6 +75,7 @@ class TaskSpec:
     skip_incomplete: bool = False  # MRPC/QQP: GLUE's loaders skip rows with missing fields
     predict_with: str | None = None  # AX: predicted by the MNLI model, never trained
     hub: tuple[str, str] | None = None  # (dataset, config) on the Hugging Face hub
+    alt_folders: tuple[str, ...] = ()  # other names GLUE copies use for the sub-folder
 
     @property
     def num_labels(self) -> int:
@@ -120,9 +121,11 @@ GLUE_TASKS: dict[str, TaskSpec] = {
                  hub=("nyu-mll/glue", "rte")),
         TaskSpec("WNLI", "classification", ("0", "1"), ("accuracy",), "train.tsv", {"WNLI": "dev.tsv"},
                  {"WNLI": "test.tsv"}, _NLI, _NLI_TEST, "WNLI", _SMALL, hub=("nyu-mll/glue", "wnli")),
-        # The diagnostic set has no training data: the MNLI model predicts it for the submission.
+        # The diagnostic set has no training data: the MNLI model predicts it for the submission. GLUE's download
+        # script puts it in diagnostic/diagnostic.tsv; some copies use AX/.
         TaskSpec("AX", "classification", ("contradiction", "entailment", "neutral"), ("accuracy",), None, {},
-                 {"AX": "diagnostic.tsv"}, None, _NLI_TEST, "AX", predict_with="MNLI", hub=("nyu-mll/glue", "ax")),
+                 {"AX": "diagnostic.tsv"}, None, _NLI_TEST, "diagnostic", alt_folders=("AX",),
+                 predict_with="MNLI", hub=("nyu-mll/glue", "ax")),
     ]
 }
 # Grid of the BERT paper's fine-tuning search, restricted to what fits a small budget.
@@ -228,21 +231,26 @@ def load_eval(task: TaskSpec, data_dir: str | Path | None) -> list[LoadedSplit]:
 
 
 def load_test(task: TaskSpec, data_dir: str | Path | None) -> list[LoadedSplit]:
-    """One unlabelled split per submission file; files that are absent locally are left out (with a log line)."""
+    """One unlabelled split per submission file; files that are absent locally are left out (with a warning:
+    the GLUE server rejects a submission that lacks a task's file)."""
     out = []
     for name, f in task.test.items():
         path = _local_path(task, f, data_dir)
         if path is not None and not path.is_file():
-            log.info("%s: no test file %s; no submission predictions for it", name, path)
+            log.warning("%s: no test file %s; %s.tsv is left out of the submission", name, path, name)
             continue
         out.append(_load(task, name, f, data_dir, labelled=False))
     return out
 
 
 def _local_path(task: TaskSpec, file: str, data_dir: str | Path | None) -> Path | None:
+    """The file in the task's GLUE folder (the first of its folder names that has it), or a custom task's path."""
     if task.fmt != "glue":
         return Path(file)
-    return None if data_dir is None else Path(data_dir) / (task.folder or task.name) / file
+    if data_dir is None:
+        return None
+    candidates = [Path(data_dir) / folder / file for folder in (task.folder or task.name, *task.alt_folders)]
+    return next((p for p in candidates if p.is_file()), candidates[0])
 
 
 def _load(task: TaskSpec, name: str, file: str, data_dir: str | Path | None, labelled: bool) -> LoadedSplit:
@@ -288,7 +296,10 @@ def _glue_records(path: Path, header: bool):
 
 
 def _custom_records(path: Path, fmt: str):
-    """(line number, {column: value}) of a user's CSV, TSV (quoted fields allowed) or JSONL file."""
+    """(line number, {column: value}) of a user's CSV (quoted fields allowed), TSV or JSONL file.
+
+    TSV is read as GLUE's processors read it, with no quote handling: a field that starts with `"` is text, not
+    the start of a quoted field that would swallow the following lines."""
     if not path.is_file():
         raise InputError(f"{path} does not exist")
     with open(path, encoding="utf-8-sig", newline="") as f:
@@ -304,8 +315,16 @@ def _custom_records(path: Path, fmt: str):
                     raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
                 yield lineno, record
             return
-        reader = csv.DictReader(f, delimiter="," if fmt == "csv" else "\t")
+        if fmt == "csv":
+            reader = csv.DictReader(f, delimiter=",")
+        else:
+            reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         for row in reader:
+            if None in row:  # more fields than the header: a stray delimiter would shift the columns after it
+                raise InputError(f"{path}:{reader.line_num}: {len(reader.fieldnames or []) + len(row[None])} fields "
+                                 f"but the header has {len(reader.fieldnames or [])}; "
+                                 + ("quote fields that contain commas" if fmt == "csv"
+                                    else "a text field contains a tab"))
             yield reader.line_num, row
 
 

@@ -378,20 +378,55 @@ def train(model: nn.Module, task: TaskSpec, train_data: Encoded, evals: Sequence
 # ----------------------------------------------------------------------------------------------------------------
 # One task, one seed
 # ----------------------------------------------------------------------------------------------------------------
+def recorded_tokenizer(model_path: str | Path) -> tuple[int, dict[str, int]] | None:
+    """(size, special token ids) of the tokenizer a checkpoint was saved with: `bertscale_tokenizer.json`'s record,
+    else the tokenizer files beside the weights; None when the checkpoint carries no tokenizer."""
+    from bertscale.tokenizer import load_tokenizer, special_ids
+    from bertscale.tokenizer.wordpiece import STATS_FILE
+
+    path = Path(model_path)
+    try:
+        meta = json.loads((path / STATS_FILE).read_text())
+    except (OSError, ValueError):
+        meta = {}
+    if isinstance(meta.get("special_ids"), dict) and meta.get("vocab_size"):
+        return int(meta["vocab_size"]), {k: int(v) for k, v in meta["special_ids"].items()}
+    if not any((path / n).is_file() for n in ("tokenizer.json", "vocab.txt")):
+        return None
+    own = load_tokenizer(path)
+    return own.get_vocab_size(with_added_tokens=True), special_ids(own)
+
+
 def load_checked_tokenizer(tokenizer: "str | Path | Tokenizer", model_path: str | Path) -> "Tokenizer":
-    """The tokenizer, after checking that its vocabulary size is the checkpoint's (ConfigError naming both)."""
+    """The tokenizer, after checking that it fits the checkpoint (ConfigError naming both otherwise): no more
+    tokens than embedding rows (fewer is fine: tables are often padded, e.g. 30522 tokens in 30528 rows), and, if
+    the checkpoint records the tokenizer it was saved with, that tokenizer's size and [PAD]/[UNK]/[CLS]/[SEP]/[MASK]
+    ids."""
     from bertscale.model.hf import read_config
-    from bertscale.tokenizer import load_tokenizer
+    from bertscale.tokenizer import load_tokenizer, special_ids
 
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
+    name = tokenizer if isinstance(tokenizer, (str, Path)) else "<object>"
     model_vocab = read_config(model_path).get("vocab_size")
     tok_vocab = tok.get_vocab_size(with_added_tokens=True)
-    if model_vocab is not None and model_vocab != tok_vocab:
-        raise ConfigError(
-            f"tokenizer {tokenizer if isinstance(tokenizer, (str, Path)) else '<object>'} has {tok_vocab} tokens "
-            f"but checkpoint {model_path} has vocab_size={model_vocab}: use the tokenizer the checkpoint was "
-            "pretrained with"
-        )
+    recorded = recorded_tokenizer(model_path)
+    hint = "use the tokenizer the checkpoint was pretrained with"
+    if model_vocab is not None and tok_vocab > model_vocab:
+        raise ConfigError(f"tokenizer {name} has {tok_vocab} tokens but checkpoint {model_path} has vocab_size="
+                          f"{model_vocab}: ids past the embedding table cannot be looked up; {hint}")
+    if recorded is not None and recorded[0] != tok_vocab:
+        raise ConfigError(f"tokenizer {name} has {tok_vocab} tokens but checkpoint {model_path} has vocab_size="
+                          f"{model_vocab} and was saved with a tokenizer of {recorded[0]} tokens; {hint}")
+    if recorded is None and model_vocab is not None and model_vocab - tok_vocab >= 128:
+        log.warning("tokenizer %s has %d tokens for %d embedding rows, more than padding; is it the tokenizer "
+                    "checkpoint %s was pretrained with?", name, tok_vocab, model_vocab, model_path)
+    if recorded is not None:
+        ours = special_ids(tok)
+        differ = {k: (ours.get(k), v) for k, v in recorded[1].items() if ours.get(k) != v}
+        if differ:
+            shown = ", ".join(f"[{k.upper()}] {a} vs {b}" for k, (a, b) in differ.items())
+            raise ConfigError(f"tokenizer {name} and the tokenizer recorded with checkpoint {model_path} give "
+                              f"special tokens different ids ({shown}); {hint}")
     return tok
 
 

@@ -12,11 +12,14 @@ plus the MLM head at masked tokens only, 2 * (H^2 + H V) each (transform + tied 
 head per sequence, 2 * (H^2 + 2 H). Embedding lookups, LayerNorm, softmax and the optimizer are not counted.
 
 The peak is the device's dense bf16/fp16 tensor-core figure on known GPUs and a measured matmul rate on CPU
-(`measure_peak_flops`): CPUs differ too much (AVX-512 bf16 or not, AMX or not, core count) for a table.
+(`measure_peak_flops`): CPUs differ too much (AVX-512 bf16 or not, AMX or not, core count) for a table. A GPU
+the table does not know gets no MFU (None, with a warning) rather than a guess: set `train.peak_tflops`.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 from collections.abc import Sequence
 
@@ -24,12 +27,26 @@ import torch
 
 from bertscale.model.bert import BertConfig
 
-# Dense (no sparsity) peak FLOP/s per GPU for bf16/fp16 tensor cores; fp32 uses the TF32 figure.
-GPU_PEAK_FLOPS = {
-    "A100": {"bf16": 312e12, "fp32": 156e12},
-    "H100": {"bf16": 989e12, "fp32": 494e12},
-    "H200": {"bf16": 989e12, "fp32": 494e12},
-}
+log = logging.getLogger(__name__)
+
+# Dense (no sparsity) peak FLOP/s per GPU from NVIDIA's datasheets: bf16/fp16 tensor cores, fp32 = the TF32
+# tensor-core figure where there is one (else plain FP32). None: the GPU has no such mode (bf16 before Ampere).
+# Matched in order against torch.cuda.get_device_name(), so variants come before the family (H100 PCIe before
+# H100); the patterns are whole words, so "A10" cannot match "A100" or "A10G" (whose figures NVIDIA does not
+# publish).
+GPU_PEAK_FLOPS: list[tuple[str, dict[str, float | None]]] = [
+    (r"A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}),
+    (r"H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 378e12}),
+    (r"H100 NVL", {"bf16": 835e12, "fp16": 835e12, "fp32": 418e12}),
+    (r"H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),  # SXM
+    (r"H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),  # SXM
+    (r"L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 183e12}),
+    (r"L4", {"bf16": 121e12, "fp16": 121e12, "fp32": 60e12}),
+    (r"A10", {"bf16": 125e12, "fp16": 125e12, "fp32": 62.5e12}),
+    (r"V100-PCIE", {"bf16": None, "fp16": 112e12, "fp32": 14e12}),
+    (r"V100", {"bf16": None, "fp16": 125e12, "fp32": 15.7e12}),  # SXM2
+    (r"T4", {"bf16": None, "fp16": 65e12, "fp32": 8.1e12}),
+]
 
 
 def forward_flops(config: BertConfig, lengths: Sequence[int], num_masked: int) -> float:
@@ -80,19 +97,28 @@ def measure_peak_flops(dtype: torch.dtype = torch.float32, n: int = 2048, second
         size *= 2
 
 
-def peak_flops(device: torch.device | str = "cpu", precision: str = "bf16") -> float:
-    """Peak FLOP/s for MFU: a table for known GPUs (bf16 and fp16 share a figure), a measurement on CPU.
+def gpu_peak_flops(name: str, precision: str) -> float | None:
+    """The table's dense peak of GPU `name` (as torch reports it) in `precision`; None if unknown."""
+    for pattern, peaks in GPU_PEAK_FLOPS:
+        if re.search(rf"(?<![A-Za-z0-9]){pattern}(?![A-Za-z0-9])", name):
+            return peaks[precision]
+    return None
+
+
+def peak_flops(device: torch.device | str = "cpu", precision: str = "bf16") -> float | None:
+    """Peak FLOP/s for MFU: a table for known GPUs, a measurement on CPU; None (MFU n/a) for a GPU or
+    precision the table lacks, with a warning naming `train.peak_tflops`.
 
     `precision` is the training precision: "fp32", "bf16" or "fp16".
     """
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"precision {precision!r}: use fp32, bf16 or fp16")
     device = torch.device(device)
-    key = "fp32" if precision == "fp32" else "bf16"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for gpu, peaks in GPU_PEAK_FLOPS.items():
-            if gpu in name:
-                return peaks[key]
-        raise ValueError(f"no peak FLOP/s known for {name!r}: pass it explicitly (train.peak_tflops)")
-    return measure_peak_flops(torch.float32 if key == "fp32" else torch.bfloat16)
+        peak = gpu_peak_flops(name, precision)
+        if peak is None:
+            log.warning("no %s peak FLOP/s known for GPU %r: MFU is reported as n/a; set train.peak_tflops to "
+                        "the device's dense %s TFLOP/s to get it", precision, name, precision)
+        return peak
+    return measure_peak_flops(torch.float32 if precision == "fp32" else torch.bfloat16)

@@ -3,10 +3,13 @@
 Our module names are HF's, so conversion is by name. The export writes `config.json` + `model.safetensors`
 exactly as `transformers.BertForPreTraining.save_pretrained` would (the tied decoder weight and bias are left out
 and re-tied on load). The import accepts a directory or a file, safetensors (single or sharded), keys with or
-without the `bert.` prefix, old `LayerNorm.gamma/beta` names, and checkpoints of HF's `BertModel`,
-`BertForMaskedLM`, `BertForPreTraining` and `BertForSequenceClassification`. Parts the checkpoint lacks (heads,
-pooler, classifier) keep their fresh initialisation and are reported. Pickle files (`.bin`, `.pt`) can run code
-when loaded, so they are refused unless the caller passes `allow_pickle=True`.
+without the `bert.` prefix (and DDP/DeepSpeed's `module.`), old `LayerNorm.gamma/beta` names, and checkpoints of
+HF's `BertModel`, `BertForMaskedLM`, `BertForPreTraining` and `BertForSequenceClassification`. Parts the
+checkpoint lacks (heads, pooler, classifier) keep their fresh initialisation and are reported, and so do heads of
+another shape (a classifier with another number of labels, e.g. RTE started from an MNLI model). A checkpoint that
+is not a BERT with absolute positions (RoBERTa, relative positions) or holds no BERT encoder weights is refused:
+loading it would silently give a freshly initialised model. Pickle files (`.bin`, `.pt`) can run code when
+loaded, so they are refused unless the caller passes `allow_pickle=True`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -32,6 +36,8 @@ M = TypeVar("M", bound=nn.Module)
 TIED_KEYS = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
              "cls.predictions.decoder.bias": "cls.predictions.bias"}
 _BASE_PREFIXES = ("embeddings.", "encoder.", "pooler.")
+# Task heads: their shape depends on the task (num_labels), so a mismatch means "another task", not "another model".
+_HEAD_PREFIXES = ("classifier.", "cls.")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _SAFETENSORS_NAMES = ("model.safetensors", "model.safetensors.index.json")
 _PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt")
@@ -46,11 +52,14 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     initialised: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)  # head keys of another shape, dropped (so also missing)
 
     def summary(self) -> str:
         parts = [f"loaded {self.source}"]
         if self.initialised:
             parts.append(f"initialised {', '.join(self.initialised)}")
+        if self.mismatched:
+            parts.append(f"dropped {len(self.mismatched)} head weights of another shape ({', '.join(self.mismatched)})")
         if self.unexpected:
             parts.append(f"ignored {len(self.unexpected)} unused keys ({', '.join(self.unexpected[:4])}...)")
         return "; ".join(parts)
@@ -122,11 +131,15 @@ def read_state_dict(path: str | Path, allow_pickle: bool = False) -> dict[str, t
 def _read_files(files: list[Path]) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        if f.suffix == ".safetensors":
-            state.update(load_file(str(f)))
-        else:
-            loaded = torch.load(f, map_location="cpu", weights_only=True)
-            state.update(loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded)
+        try:
+            if f.suffix == ".safetensors":
+                state.update(load_file(str(f)))
+            else:
+                loaded = torch.load(f, map_location="cpu", weights_only=True)
+                state.update(loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded)
+        except (SafetensorError, OSError) as e:
+            raise InputError(f"cannot read weights file {f}: {e}; the file is damaged or incomplete (re-download "
+                             "or re-export it)") from None
     return state
 
 
@@ -137,15 +150,35 @@ def read_config(path: str | Path) -> dict:
     if not cfg_file.is_file():
         return {}
     try:
-        return json.loads(cfg_file.read_text())
+        data = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise InputError(f"{cfg_file} is not valid JSON: {e}") from None
+    check_bert_config(data, cfg_file)
+    return data
+
+
+def check_bert_config(data: dict, where: Path) -> None:
+    """Refuse configs of models that share BERT's key names but not its computation."""
+    model_type = data.get("model_type", "bert")
+    if model_type != "bert":
+        raise InputError(
+            f"{where}: model_type is {model_type!r}, but only BERT checkpoints (model_type 'bert') can be loaded; "
+            "a RoBERTa/ALBERT/DistilBERT checkpoint differs in embeddings, tokenizer or layout"
+        )
+    positions = data.get("position_embedding_type", "absolute")
+    if positions != "absolute":
+        raise InputError(
+            f"{where}: position_embedding_type is {positions!r}; our BERT implements only 'absolute' position "
+            "embeddings, so this checkpoint would compute something else"
+        )
 
 
 def normalise_keys(state: dict[str, torch.Tensor], base_only: bool) -> dict[str, torch.Tensor]:
-    """HF key variants -> our names: add or strip the `bert.` prefix, gamma/beta -> weight/bias."""
+    """HF key variants -> our names: drop DDP/DeepSpeed's `module.`, add or strip the `bert.` prefix,
+    gamma/beta -> weight/bias."""
     out = {}
     for key, value in state.items():
+        key = key.removeprefix("module.")
         key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
         if key.startswith(_BASE_PREFIXES):
             key = "bert." + key
@@ -195,24 +228,48 @@ def load_pretrained(
 
     The config comes from `config` or else the checkpoint's config.json (unknown HF fields ignored); extra
     keyword arguments go to the model (e.g. num_labels). Missing heads keep their fresh initialisation and are
-    listed in the report; keys the model does not use are listed as unexpected; shape mismatches are errors.
+    listed in the report; so do heads of another shape (dropped with a warning: fine-tuning starts a task from
+    a model trained on another). Keys the model does not use are listed as unexpected. Shape mismatches in the
+    encoder, and a checkpoint with no BERT encoder weights at all, are errors.
     """
     path = Path(path)
     files = _weight_files(path, allow_pickle)  # first, so that a wrong path or a pickle fails before anything else
     model = _build_model(model_cls, config, read_config(path), path, **model_kwargs)
     state = normalise_keys(_read_files(files), base_only=isinstance(model, BertModel))
     own = {k: v for k, v in model.state_dict().items() if k not in TIED_KEYS}
-    for key, value in state.items():
-        if key in own and own[key].shape != value.shape:
-            raise InputError(
-                f"{path}: {key} has shape {tuple(value.shape)} but the model expects {tuple(own[key].shape)}; "
-                "check the config (vocab size, hidden size, num_labels) matches the checkpoint"
-            )
-    usable = {k: v for k, v in state.items() if k in own}
+    mismatched = _mismatched_heads(state, own, path)
+    usable = {k: v for k, v in state.items() if k in own and k not in mismatched}
+    _check_encoder_loaded(usable, state, path)
     model.load_state_dict(usable, strict=False)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     missing = sorted(k for k in own if k not in usable)
-    report = LoadReport(str(path), missing, sorted(k for k in state if k not in own), _initialised_modules(missing))
+    report = LoadReport(str(path), missing, sorted(k for k in state if k not in own), _initialised_modules(missing),
+                        mismatched)
     log.info(report.summary())
     return model, report
+
+
+def _mismatched_heads(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], path: Path) -> list[str]:
+    """Head keys whose shape differs from the model's (warned about, left initialised); any other key of another
+    shape means another architecture, which is an error."""
+    wrong = sorted(k for k, v in state.items() if k in own and own[k].shape != v.shape)
+    for key in sorted(wrong, key=lambda k: k.startswith(_HEAD_PREFIXES)):  # an encoder mismatch is the error
+        shapes = f"{key} has shape {tuple(state[key].shape)} but the model expects {tuple(own[key].shape)}"
+        if not key.startswith(_HEAD_PREFIXES):
+            raise InputError(f"{path}: {shapes}; check the config (vocab size, hidden size, num_labels) matches "
+                             "the checkpoint")
+        log.warning("%s: %s (another task's head?): left freshly initialised", path, shapes)
+    return wrong
+
+
+def _check_encoder_loaded(usable: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: Path) -> None:
+    """Nothing of the encoder matched: the keys are another model's (e.g. `roberta.`), not a BERT to load."""
+    if any(k.removeprefix("bert.").startswith(("embeddings.", "encoder.")) for k in usable):
+        return
+    prefixes = sorted({k.split(".")[0] for k in state})
+    raise InputError(
+        f"{path}: none of its {len(state)} weights is a BERT embedding or encoder weight (key prefixes: "
+        f"{', '.join(prefixes[:6]) or 'none'}); expected keys like bert.encoder.layer.0... or encoder.layer.0...: "
+        "only BERT checkpoints (BertModel, BertFor*) can be loaded"
+    )

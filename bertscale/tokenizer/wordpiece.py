@@ -1,8 +1,8 @@
 """WordPiece tokenizer stage: train on the corpus shards, save in the Hugging Face layout, load, fingerprint.
 
 Training streams the text column of the corpus stage's parquet shards (or any parquet/.txt files) batch by batch
-into HF `tokenizers`' WordPiece trainer, so the corpus is never held in memory. The last documents of the stream
-are held out of training and used to report the [UNK] rate and tokens per word. The output directory holds
+into HF `tokenizers`' WordPiece trainer, so the corpus is never held in memory. A seeded random sample of the
+documents is held out of training and used to report the [UNK] rate and tokens per word. The output directory holds
 `tokenizer.json`, `vocab.txt`, `tokenizer_config.json` and `special_tokens_map.json` (loadable by
 `transformers.AutoTokenizer`) plus `bertscale_tokenizer.json` with the fingerprint and the stats.
 """
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
@@ -173,14 +174,16 @@ def iter_document_batches(path: Path, batch_size: int, column: str = "text",
 
 
 class CorpusStream:
-    """Iterates training batches of a corpus and keeps the last `heldout` documents aside.
+    """Iterates training batches of a corpus and keeps a seeded random sample of `heldout` documents aside.
 
-    Held-out documents are chosen by position (the last rows of the stream), which is known up front from the
-    parquet footers, so no document is buffered beyond the held-out slice itself. Empty files and empty or null
-    documents are skipped and counted.
+    The sample is drawn over row positions, whose count is known up front from the parquet footers, so it is the
+    same on every run with the same seed and no document is buffered beyond the held-out sample itself. A random
+    sample, not the last rows: corpus shards are in source order, so the tail is one source's documents. Empty
+    files and empty or null documents are skipped and counted.
     """
 
-    def __init__(self, files: list[Path], batch_size: int, heldout: int, column: str = "text") -> None:
+    def __init__(self, files: list[Path], batch_size: int, heldout: int, column: str = "text",
+                 seed: int = 0) -> None:
         self.files, self.batch_size, self.column = files, batch_size, column
         self.encodings = [txt_encoding(f) if f.name.endswith(".txt") else "utf-8" for f in files]
         for f, enc in zip(files, self.encodings):
@@ -190,13 +193,14 @@ class CorpusStream:
         self.total_docs = sum(self.doc_counts)
         # At most a tenth of the corpus is held out, so a small corpus still has most of its text to train on.
         self.heldout_target = min(heldout, self.total_docs // 10)
+        self.heldout_positions = np.sort(np.random.default_rng([seed, 0x70CE]).choice(
+            self.total_docs, size=self.heldout_target, replace=False))
         self.heldout: list[str] = []
         self.counts = {"input_files": len(files), "non_utf8_files": sum(e != "utf-8" for e in self.encodings),
                        "empty_files": 0, "empty_docs": 0, "train_docs": 0,
                        "train_chars": 0}
 
     def __iter__(self) -> Iterator[list[str]]:
-        first_heldout = self.total_docs - self.heldout_target
         position = 0
         for path, n_docs, encoding in zip(self.files, self.doc_counts, self.encodings):
             if n_docs == 0:
@@ -204,8 +208,8 @@ class CorpusStream:
                 log.warning("skipping empty corpus file %s", path)
                 continue
             for batch in iter_document_batches(path, self.batch_size, self.column, encoding):
-                # Rows from `first_heldout` on go aside; positions count rows, so empty rows count too.
-                train, held = self._split(batch, first_heldout - position)
+                # Positions count rows, so empty rows count too.
+                train, held = self._split(batch, position)
                 position += len(batch)
                 self.counts["empty_docs"] += len(batch) - len(train) - len(held)
                 self.heldout.extend(held)
@@ -215,23 +219,27 @@ class CorpusStream:
                     yield train
 
     def read_heldout(self) -> list[str]:
-        """Only the held-out slice, reading just the files it lies in (for a tokenizer that is not trained)."""
-        first_heldout = self.total_docs - self.heldout_target
+        """Only the held-out sample, reading just the files it lies in (for a tokenizer that is not trained)."""
         position = 0
         for path, n_docs, encoding in zip(self.files, self.doc_counts, self.encodings):
-            if position + n_docs > first_heldout:
+            if self._held_in(position, position + n_docs).size:
                 for batch in iter_document_batches(path, self.batch_size, self.column, encoding):
-                    self.heldout.extend(self._split(batch, first_heldout - position)[1])
+                    self.heldout.extend(self._split(batch, position)[1])
                     position += len(batch)
             else:
                 position += n_docs
         return self.heldout
 
-    @staticmethod
-    def _split(batch: list[str | None], n_train: int) -> tuple[list[str], list[str]]:
-        n_train = max(0, min(len(batch), n_train))
-        keep = [d for d in batch[:n_train] if d and not d.isspace()]
-        held = [d for d in batch[n_train:] if d and not d.isspace()]
+    def _held_in(self, start: int, end: int) -> np.ndarray:
+        """Held-out positions in [start, end)."""
+        lo, hi = np.searchsorted(self.heldout_positions, [start, end])
+        return self.heldout_positions[lo:hi]
+
+    def _split(self, batch: list[str | None], start: int) -> tuple[list[str], list[str]]:
+        """Training and held-out documents of a batch whose first row is at `start`; empty ones are dropped."""
+        held_rows = set((self._held_in(start, start + len(batch)) - start).tolist())
+        keep = [d for i, d in enumerate(batch) if i not in held_rows and d and not d.isspace()]
+        held = [d for i, d in enumerate(batch) if i in held_rows and d and not d.isspace()]
         return keep, held
 
 
@@ -323,7 +331,8 @@ def train_tokenizer(cfg: PipelineConfig, corpus: str | Path | None = None) -> To
     if tcfg.pretrained:
         return _import_pretrained(cfg, corpus)
     spec = corpus if corpus is not None else cfg.stage_dir("corpus")
-    stream = CorpusStream(resolve_corpus_files(spec), tcfg.batch_size, tcfg.heldout_docs, tcfg.text_column)
+    stream = CorpusStream(resolve_corpus_files(spec), tcfg.batch_size, tcfg.heldout_docs, tcfg.text_column,
+                          tcfg.heldout_seed)
     if stream.total_docs == 0:
         raise InputError(f"corpus {spec} holds no documents; check the corpus stage output (or --corpus)")
     start = time.perf_counter()
@@ -350,7 +359,7 @@ def _import_pretrained(cfg: PipelineConfig, corpus: str | Path | None) -> Tokeni
     spec = corpus if corpus is not None else cfg.stage_dir("corpus")
     if corpus is not None or Path(spec).exists():
         stream = CorpusStream(resolve_corpus_files(spec), cfg.tokenizer.batch_size, cfg.tokenizer.heldout_docs,
-                              cfg.tokenizer.text_column)
+                              cfg.tokenizer.text_column, cfg.tokenizer.heldout_seed)
         stats = heldout_stats(tok, stream.read_heldout())
     return save_tokenizer(tok, cfg.stage_dir("tokenizer"), stats, {"pretrained": str(source), "corpus": str(spec)})
 
@@ -391,8 +400,29 @@ def vocab_tokens(tok: Tokenizer) -> list[str]:
 
 
 def tokenizer_fingerprint(tok: Tokenizer) -> str:
-    """sha256 of the vocabulary in id order: equal fingerprints mean equal token ids."""
-    return hashlib.sha256("\n".join(vocab_tokens(tok)).encode("utf-8")).hexdigest()
+    """sha256 of what decides the ids of a text: the vocabulary in id order and the normalizer and WordPiece
+    settings. The same vocabulary cased instead of uncased gives other ids for the same text, and the fingerprint
+    keys the tokenized-data cache, so both must be in it."""
+    spec = json.loads(tok.to_str())
+    identity = {"vocab": vocab_tokens(tok), "normalizer": _normalizer_identity(spec.get("normalizer")),
+                "model": _model_identity(spec.get("model") or {})}
+    return hashlib.sha256(json.dumps(identity, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _normalizer_identity(norm: dict[str, Any] | None) -> dict[str, Any] | None:
+    """BERT normalizer flags with `strip_accents` resolved (None follows lowercase), so two spellings of the
+    same behaviour agree; any other normalizer as its serialized form."""
+    if not norm or norm.get("type") != "BertNormalizer":
+        return norm
+    lowercase = bool(norm.get("lowercase", True))
+    strip = norm.get("strip_accents")
+    return {"type": "BertNormalizer", "clean_text": bool(norm.get("clean_text", True)), "lowercase": lowercase,
+            "strip_accents": lowercase if strip is None else bool(strip),
+            "handle_chinese_chars": bool(norm.get("handle_chinese_chars", True))}
+
+
+def _model_identity(model: dict[str, Any]) -> dict[str, Any]:
+    return {k: model.get(k) for k in ("type", "unk_token", "continuing_subword_prefix", "max_input_chars_per_word")}
 
 
 def _normalizer_settings(tok: Tokenizer) -> dict[str, Any] | None:
@@ -425,7 +455,7 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | Path, stats: dict[str, float] 
                                  **{f"{k}_token": v for k, v in SPECIAL_TOKENS.items()}}
     _write_json(out / "tokenizer_config.json", hf_config)
     _write_json(out / "special_tokens_map.json", {f"{k}_token": v for k, v in SPECIAL_TOKENS.items()})
-    fingerprint = hashlib.sha256("\n".join(tokens).encode("utf-8")).hexdigest()
+    fingerprint = tokenizer_fingerprint(tok)
     stats = dict(stats or {})
     _write_json(out / STATS_FILE, {"fingerprint": fingerprint, "vocab_size": len(tokens),
                                    "special_ids": special_ids(tok), "stats": stats, **(extra or {})})

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
-    from bertscale.train.engine import pretrain
+    from bertscale.train.engine import exit_code, pretrain
 
     try:
         result = pretrain(load_config(args.config, args.overrides), data=args.data, tokenizer=args.tokenizer)
@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(1)
     if rank == "0":
         print(result.summary(), flush=True)
-    # A signal-stopped run is not finished: say so to the launcher/scheduler (128 + SIGTERM).
-    return 143 if result.stopped == "signal" else 0
+    return exit_code(result)  # a signal-stopped run is not finished: 143 says so to the launcher/scheduler
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ So a checkpoint without a manifest is an unfinished save, and a file that no lon
 damaged. Resume verifies the newest checkpoint and falls back to older ones, saying which it skipped and why;
 skipped directories are renamed `<tag>.corrupt` / `<tag>.incomplete`, never deleted.
 
+A fresh run (`train.resume=false`) into a directory that holds another run's checkpoints first moves them into
+`<dir>/previous-<timestamp>/`: keep-last-K and resume rank checkpoints by step, so the old run's higher steps
+would otherwise be pruned last and resumed first.
+
 A save that fails on any rank (disk full, read-only file system, permissions) fails on all of them together:
 every rank records its own OS error instead of raising, so no rank is left waiting in a collective; the ranks
 agree, the partial directory is removed, `latest` still names the previous checkpoint, and
@@ -153,6 +157,28 @@ class CheckpointManager:
         for t in doomed:
             shutil.rmtree(self.root / t, ignore_errors=True)
         return doomed
+
+    def archive_previous(self) -> Path | None:
+        """Move an earlier run's checkpoints (tags, `latest`, set-aside and universal dirs) into
+        `<dir>/previous-<timestamp>/` (rank 0; all ranks wait), so a fresh run never mixes with them."""
+        moved: Path | None = None
+        if self.env.is_main and self.root.is_dir():
+            old = [p for p in self.root.iterdir() if p.name == "latest" or p.name == "universal"
+                   or TAG_RE.match(p.name.split(".")[0])]
+            if any(TAG_RE.match(p.name.split(".")[0]) for p in old):
+                moved = self.root / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+                n = 1
+                while moved.exists():
+                    n += 1
+                    moved = moved.with_name(f"{moved.name.split('.')[0]}.{n}")
+                moved.mkdir()
+                for p in old:
+                    p.rename(moved / p.name)
+                log.warning("train.resume=false: moved %d checkpoint entries of an earlier run from %s to %s; "
+                            "this run starts from step 0 (delete that directory once you no longer need it)",
+                            len(old), self.root, moved)
+        distributed.barrier()
+        return moved
 
     # --- resume ------------------------------------------------------------------------------------------------
     def select(self) -> str | None:

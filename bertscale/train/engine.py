@@ -7,7 +7,11 @@ so all ranks agree before `backward` whether a micro batch is skipped. A skipped
 stage; `max_bad_steps` of them in a row abort the run.
 
 Precision: bf16 uses DeepSpeed's own bf16 mode (bf16 weights and activations, fp32 master weights in the
-optimizer), which works on CPU with ZeRO 0-3 here; fp16 (dynamic loss scale) needs a GPU.
+optimizer), which works on CPU with ZeRO 0-3 here; fp16 (dynamic loss scale) needs a GPU. With fp16, DeepSpeed
+skips the update of a step whose gradients overflow (and lowers the loss scale): the step still counts, as
+DeepSpeed's `global_steps` and Megatron's iterations do, but it is counted as `overflow_skipped_steps` and
+marked in the step log, and the loss scale is logged with the metrics. The LR schedule follows applied updates
+(DeepSpeed does not step the scheduler on a skipped update).
 """
 
 from __future__ import annotations
@@ -45,9 +49,12 @@ log = logging.getLogger(__name__)
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
 STEPS_FILE = "steps.jsonl"
+EXIT_SIGNALLED = 128 + 15  # a signal-stopped run: 128 + SIGTERM, as a shell reports a process killed by it
 # Indices of the per-micro-batch statistics summed over ranks.
 STATS = ("nonfinite", "loss", "mlm_loss", "nsp_loss", "mlm_correct", "mlm_count", "nsp_correct", "nsp_count",
          "real_tokens", "sequences")
+# Fields of a step's line in steps.jsonl (loss_scale and overflow only with fp16).
+STEP_RECORD = ("loss", "mlm_loss", "nsp_loss", "lr", "grad_norm", "loss_scale", "overflow")
 
 
 @dataclass
@@ -61,13 +68,15 @@ class TrainResult:
     hf_dir: Path | None
     tokens_per_s: float
     mfu: float | None
-    skipped_steps: int = 0
+    skipped_steps: int = 0  # non-finite micro batches
     stopped: str = "completed"  # completed | time_budget | signal
+    overflow_skipped_steps: int = 0  # fp16: steps whose update DeepSpeed skipped on gradient overflow
 
     def summary(self) -> str:
         mfu = f"{self.mfu:.2%}" if self.mfu is not None and math.isfinite(self.mfu) else "n/a"
         lines = [f"pretraining {self.stopped} at step {self.final_step}: {self.output_dir}",
-                 f"  {self.tokens_per_s:,.0f} real tokens/s, MFU {mfu}, {self.skipped_steps} skipped micro batches",
+                 f"  {self.tokens_per_s:,.0f} real tokens/s, MFU {mfu}, {self.skipped_steps} skipped micro batches, "
+                 f"{self.overflow_skipped_steps} updates skipped on fp16 overflow",
                  f"  last checkpoint: {self.checkpoint}", f"  HF export: {self.hf_dir}"]
         lines += [f"  {k}: {v:.4f}" for k, v in sorted(self.metrics.items())]
         return "\n".join(lines)
@@ -194,6 +203,14 @@ def grad_norm(engine: Any, from_grads: bool = False) -> float:
         return float(norm)
     grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
     return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else float("nan")
+
+
+def loss_scale(engine: Any) -> float | None:
+    """The current fp16 dynamic loss scale; None without fp16 (bf16 and fp32 do not scale the loss)."""
+    if not engine.fp16_enabled():
+        return None
+    scale = getattr(engine.optimizer, "loss_scale", None)
+    return float(scale) if scale is not None else None
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -378,6 +395,7 @@ class Trainer:
         self.ckpt = ckpt or CheckpointManager(out / "checkpoints", self.t.keep_checkpoints, env)
         self.bad = BadSteps(self.t.max_bad_steps)
         self.step = 0
+        self.overflow_skips = 0  # fp16 updates DeepSpeed skipped (steps counted, weights unchanged)
         self.failed_saves = 0  # in a row
         self.watchdog: distributed.Watchdog | None = None
         self.last_checkpoint: Path | None = None
@@ -395,6 +413,7 @@ class Trainer:
         trainer_state, rank_state = self.ckpt.load(self.engine, tag)
         self.step = int(trainer_state["step"])
         self.bad.total = int(trainer_state.get("skipped_micro_batches", 0))
+        self.overflow_skips = int(trainer_state.get("overflow_skipped_steps", 0))
         for phase, state in zip(self.phases, rank_state["loaders"]):
             try:
                 phase.loader.load_state_dict(state)
@@ -415,6 +434,7 @@ class Trainer:
         trainer_state, rank0 = self.ckpt.load_universal(self.engine, tag, universal)
         self.step = int(trainer_state["step"])
         self.bad.total = int(trainer_state.get("skipped_micro_batches", 0))
+        self.overflow_skips = int(trainer_state.get("overflow_skipped_steps", 0))
         old_world = int(trainer_state["world_size"])
         for phase, state in zip(self.phases, rank0["loaders"]):
             phase.loader.load_state_dict(reshard_loader_state(state, old_world, self.env.world_size))
@@ -432,8 +452,10 @@ class Trainer:
         the final one: training goes on from intact state and the next checkpoint retries."""
         if self.last_checkpoint is not None and self.last_checkpoint.name == f"step{self.step:08d}":
             return  # already saved at this step
-        state = {"skipped_micro_batches": self.bad.total, "world_size": self.env.world_size,
-                 "zero_stage": self.t.zero_stage, "seq_lengths": [p.seq_len for p in self.phases]}
+        state = {"skipped_micro_batches": self.bad.total, "overflow_skipped_steps": self.overflow_skips,
+                 "world_size": self.env.world_size,
+                 "zero_stage": self.t.zero_stage, "precision": self.t.precision,
+                 "seq_lengths": [p.seq_len for p in self.phases]}
         loaders = {"loaders": [p.loader.state_dict() for p in self.phases]}
         self.beat(f"the checkpoint save at step {self.step}")
         try:
@@ -455,6 +477,7 @@ class Trainer:
         total = torch.zeros(len(STATS), dtype=torch.float64)
         good = 0
         lr = float(self.engine.get_lr()[0])  # the rate this step's update uses (the scheduler moves in `step`)
+        skipped_before = self.engine.skipped_steps  # DeepSpeed counts updates it skipped on fp16 overflow
         while good < self.t.grad_accum:
             batch = phase.next_batch()
             out = forward(self.engine, to_device(batch, self.engine.device))
@@ -473,7 +496,21 @@ class Trainer:
         metrics = step_metrics(total, good * self.env.world_size)  # all ranks skip the same micro batches
         metrics["grad_norm"] = norm if norm is not None else grad_norm(self.engine)
         metrics["lr"] = lr
+        self.record_overflow(self.engine.skipped_steps > skipped_before, metrics)
         return metrics
+
+    def record_overflow(self, skipped: bool, metrics: dict[str, float]) -> None:
+        """Count an update DeepSpeed skipped on fp16 overflow; add the loss scale (after its adjustment)."""
+        scale = loss_scale(self.engine)
+        if scale is not None:
+            metrics["loss_scale"] = scale
+        if not skipped:
+            return
+        self.overflow_skips += 1
+        metrics["overflow"] = 1.0
+        if self.env.is_main:
+            log.info("step %d: fp16 gradients overflowed, update skipped (loss scale now %s; %d skipped in all)",
+                     self.step + 1, scale, self.overflow_skips)
 
     def control(self, stop: StopSignal, started: float, last_ckpt_time: float) -> tuple[bool, bool, bool]:
         """(signal received, time budget spent, checkpoint due by minutes), agreed on by all ranks."""
@@ -497,7 +534,7 @@ class Trainer:
                 self.step += 1
                 meter = throughput[phase.seq_len]
                 meter.add(metrics.pop("real_tokens"), metrics.pop("sequences"))
-                sink.step(self.step, {k: metrics[k] for k in ("loss", "mlm_loss", "nsp_loss", "lr", "grad_norm")})
+                sink.step(self.step, {k: metrics[k] for k in STEP_RECORD if k in metrics})
                 self.after_step(phase, metrics, meter, sink)
                 signalled, out_of_time, ckpt_due = self.control(stop, started, last_ckpt)
                 if self.step % self.t.checkpoint_every == 0 or ckpt_due or signalled or out_of_time:
@@ -509,8 +546,10 @@ class Trainer:
 
     def after_step(self, phase: Phase, metrics: dict[str, float], meter: Throughput, sink: MetricsSink) -> None:
         last = self.step == self.t.max_steps
+        metrics.pop("overflow", None)  # per step, in the step log; the metrics carry the running count
         if self.step % self.t.log_every == 0 or last:
-            metrics.update(meter.flush(), skipped_micro_batches=float(self.bad.total))
+            metrics.update(meter.flush(), skipped_micro_batches=float(self.bad.total),
+                           overflow_skipped_steps=float(self.overflow_skips))
             self.last_metrics.update(metrics)
             sink.log(self.step, metrics, "train")
         if self.step % self.t.eval_every == 0 or last:
@@ -595,10 +634,34 @@ def pretrain(cfg: PipelineConfig, data: str | Path | None = None, tokenizer: str
 def plan_resume(cfg: PipelineConfig, env: DistEnv, ckpt: CheckpointManager) -> tuple[str | None, Path | None]:
     """(checkpoint to resume, its universal conversion if it was written by another number of ranks); decided
     before the engine exists, since loading a universal checkpoint is an engine setting."""
-    tag = ckpt.select() if cfg.train.resume else None
+    if not cfg.train.resume:
+        ckpt.archive_previous()
+        return None, None
+    tag = ckpt.select()
+    if tag is not None:
+        check_resumable(ckpt.trainer_state(tag), cfg.train, ckpt.root / tag)
     if tag is None or ckpt.saved_world_size(tag) == env.world_size:
         return tag, None
     return tag, ckpt.to_universal(tag, int(ckpt.trainer_state(tag).get("zero_stage", cfg.train.zero_stage)))
+
+
+def check_resumable(saved: dict, train: TrainConfig, tag_dir: Path) -> None:
+    """A ConfigError if the checkpoint was written with another ZeRO stage or precision: DeepSpeed lays out the
+    optimizer state per stage and precision and would fail deep inside `load_checkpoint`. (Checkpoints written
+    before the precision was recorded are only checked for the stage.)"""
+    now = {"zero_stage": train.zero_stage, "precision": train.precision}
+    differ = {k: saved[k] for k in now if k in saved and saved[k] != now[k]}
+    if not differ:
+        return
+    was = ", ".join(f"train.{k}={v}" for k, v in differ.items())
+    raise ConfigError(
+        f"cannot resume from {tag_dir}: it was written with {was}, this run has "
+        f"{', '.join(f'train.{k}={now[k]}' for k in differ)}. DeepSpeed's optimizer state is laid out per ZeRO "
+        f"stage and precision, so it cannot be loaded as it is (only the number of ranks may change, via a "
+        f"universal checkpoint). Resume with {was}; or keep its weights without the optimizer state "
+        f"(`bertscale export {tag_dir} -o DIR`); or start a fresh run with train.resume=false (the existing "
+        "checkpoints are moved aside, not deleted)"
+    )
 
 
 def peer_failure(trainer: Trainer, during: str | None = None) -> Any:
@@ -617,6 +680,12 @@ def resume_hint(trainer: Trainer) -> str:
         return "no checkpoint was written yet: restart the job on every node to start over"
     return (f"restart the job on every node: it resumes from {trainer.last_checkpoint} "
             f"(step {int(trainer.last_checkpoint.name.removeprefix('step'))})")
+
+
+def exit_code(result: TrainResult) -> int:
+    """The process exit status of a run: 0 when it finished or used up its time budget; 143 (128 + SIGTERM)
+    when a signal stopped it, so launchers and schedulers see that it is not done."""
+    return EXIT_SIGNALLED if result.stopped == "signal" else 0
 
 
 def _train(trainer: Trainer, tok_dir: Path) -> TrainResult:
@@ -650,7 +719,7 @@ def _train(trainer: Trainer, tok_dir: Path) -> TrainResult:
     meters = [m.overall() for m in throughput.values() if m.total_seconds]
     tps, mfu = meters[-1] if meters else (0.0, None)
     result = TrainResult(out, trainer.step, dict(trainer.last_metrics), trainer.last_checkpoint, hf_dir, tps, mfu,
-                         trainer.bad.total, stopped)
+                         trainer.bad.total, stopped, trainer.overflow_skips)
     if env.is_main:
         (out / "train_result.json").write_text(json.dumps({**result.__dict__, "output_dir": str(out),
                                                           "checkpoint": str(result.checkpoint),

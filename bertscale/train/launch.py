@@ -21,9 +21,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 import yaml
 
@@ -171,6 +172,19 @@ def launch(cfg: PipelineConfig, spec: LaunchSpec, config_path: str | Path | None
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def output_lines(stream: IO[bytes]) -> Iterator[str]:
+    """The lines of a job's output worth a log record: progress-bar redraws dropped, each bar's last state kept.
+
+    A bar redraws itself with `\r<bar>` and ends with a newline, so a line reads `\r<bar 1>\r<bar 2>...\n`;
+    only the text after its last carriage return is what a terminal would show. The stream must be binary
+    (or text with newline=''): universal-newline text mode turns every `\r` into a line break of its own.
+    """
+    for raw in iter(stream.readline, b""):
+        fragments = [f for f in raw.decode("utf-8", errors="replace").rstrip("\n").split("\r") if f.strip()]
+        if fragments:
+            yield fragments[-1].rstrip()
 
 
 # How long the ranks get to write their checkpoint after a stop signal (DeepSpeed's launcher allows 30 s).

@@ -1,5 +1,6 @@
 """The whole pipeline on the debug config: every stage runs, a re-run reuses everything, and a config change
-re-runs that stage and the ones after it, nothing before."""
+re-runs that stage and the ones after it, nothing before (a fine-tuning change re-runs only fine-tuning); the
+encoder and the fine-tuned model are in the registry, the encoder once per training run."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bertscale.config import load_config
+from bertscale.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,13 +39,27 @@ def test_pipeline_runs_caches_and_reruns_downstream(overrides, prefect_harness):
         assert json.loads(marker.read_text())["fingerprint"] == result["fingerprint"], stage
     assert (Path(first["train"]["hf_dir"]) / "model.safetensors").exists()
 
+    encoder = first["train"]["encoder"]
+    assert (encoder["name"], encoder["version"], encoder["registered_now"]) == ("debug-encoder", "1", True)
+    assert encoder["promotion"].startswith("promoted") and encoder["metric"] == "eval/mlm_loss"
+    assert encoder["score"] == pytest.approx(first["train"]["metrics"]["eval/mlm_loss"])
+    assert first["finetune"]["registered"] == {"debug-authors": "1"}
+
     second = pipeline_flow(config=config, overrides=overrides)
     assert all(_states(second).values())
     assert {s: r["output_dir"] for s, r in second.items()} == {s: r["output_dir"] for s, r in first.items()}
+    assert (second["train"]["encoder"]["version"], second["train"]["encoder"]["registered_now"]) == ("1", False)
 
     third = pipeline_flow(config=config, overrides=[*overrides, "data.short_seq_prob=0.3"], until="data")
     assert _states(third) == {"corpus": True, "tokenizer": True, "data": False}
     assert third["data"]["output_dir"] != first["data"]["output_dir"]
+
+    # A fine-tuning change re-runs fine-tuning only: the encoder is not trained or registered again.
+    fourth = pipeline_flow(config=config, overrides=[*overrides, "finetune.lr=5.0e-4"])
+    assert _states(fourth) == {**dict.fromkeys(["corpus", "tokenizer", "data", "train"], True), "finetune": False}
+    assert fourth["train"]["output_dir"] == first["train"]["output_dir"]
+    assert fourth["finetune"]["output_dir"] != first["finetune"]["output_dir"]
+    assert fourth["train"]["encoder"]["version"] == "1" and fourth["finetune"]["registered"] == {"debug-authors": "2"}
 
     # MLflow: one parent run per pipeline run, a nested run per stage that ran, lineage tags, Prefect ids.
     cfg = load_config(config, overrides)
@@ -51,11 +67,25 @@ def test_pipeline_runs_caches_and_reruns_downstream(overrides, prefect_harness):
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     runs = client.search_runs([exp.experiment_id], max_results=100)
     parents = [r for r in runs if r.data.tags.get("bertscale.stage") == "pipeline"]
-    assert len(parents) == 3
+    assert len(parents) == 4
     first_parent = min(parents, key=lambda r: r.info.start_time)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == first_parent.info.run_id]
     assert {r.data.tags["bertscale.stage"] for r in children} >= {"corpus", "tokenizer", "data", "pretrain"}
     pretrain = next(r for r in children if r.data.tags["bertscale.stage"] == "pretrain")
-    assert pretrain.data.tags["bertscale.tokenizer_fingerprint"] == first["tokenizer"]["fingerprint"]
+    vocabulary = tokenizer_fingerprint(load_tokenizer(first["tokenizer"]["output_dir"]))
+    assert pretrain.data.tags["bertscale.tokenizer_stage_fingerprint"] == first["tokenizer"]["fingerprint"]
+    assert pretrain.data.tags["bertscale.tokenizer_fingerprint"] == vocabulary
     assert pretrain.data.tags["bertscale.corpus_manifest_sha256"] == first["corpus"]["manifest_sha256"]
     assert all("prefect.flow_run_id" in r.data.tags for r in children)
+
+    # The registry: the encoder (logged into its pretraining run, with its lineage) and the fine-tuned models.
+    enc = client.get_model_version_by_alias("debug-encoder", "champion")
+    assert enc.version == "1" and enc.run_id == first["train"]["mlflow_run_id"] == pretrain.info.run_id
+    assert enc.tags["bertscale.corpus_manifest_sha256"] == first["corpus"]["manifest_sha256"]
+    assert enc.tags["bertscale.tokenizer_fingerprint"] == vocabulary
+    assert enc.tags["bertscale.pretrain_run_id"] == pretrain.info.run_id
+    assert len(client.search_model_versions("name='debug-encoder'")) == 1
+    tuned = client.get_model_version("debug-authors", "1")
+    assert tuned.tags["bertscale.tokenizer_fingerprint"] == vocabulary
+    assert tuned.tags["bertscale.pretrain_run_id"] == pretrain.info.run_id
+    assert client.get_model_version_by_alias("debug-authors", "challenger").version == "2"

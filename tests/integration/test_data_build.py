@@ -270,3 +270,26 @@ def test_model_mismatch_is_caught_at_start(nsp_build):
         ds.check_compatible(ds.vocab_size + 1, 512)
     with pytest.raises(ConfigError, match="max_position_embeddings"):
         ds.check_compatible(ds.vocab_size, 32)
+
+
+def test_another_tokenizer_of_the_same_size_is_caught_at_start(nsp_build, stage_inputs):
+    from bertscale.tokenizer import build_wordpiece, load_tokenizer
+
+    _, tok_dir = stage_inputs
+    ds = PretrainingDataset(nsp_build.output_dir, 64)
+    used = load_tokenizer(tok_dir)
+    ds.check_compatible(ds.vocab_size, 512, tokenizer=used)
+    vocab = used.get_vocab()
+    by_id = sorted(vocab, key=vocab.get)
+    ds.check_compatible(ds.vocab_size, 512, tokenizer=build_wordpiece(vocab))  # the same tokenizer, rebuilt
+    # A retrained vocabulary of the same size: two ordinary tokens trade ids.
+    a, b = by_id[100], by_id[200]
+    swapped = build_wordpiece({**vocab, a: vocab[b], b: vocab[a]})
+    with pytest.raises(ConfigError, match=r"another tokenizer.*rebuild the data with this tokenizer"):
+        ds.check_compatible(ds.vocab_size, 512, tokenizer=swapped)
+    # The same vocabulary, cased: same ids for the same tokens, other ids for the same text.
+    with pytest.raises(ConfigError, match="another tokenizer"):
+        ds.check_compatible(ds.vocab_size, 512, tokenizer=build_wordpiece(vocab, lowercase=False))
+    pad_moved = build_wordpiece({**vocab, "[PAD]": vocab[a], a: vocab["[PAD]"]})
+    with pytest.raises(ConfigError, match=r"special token ids .*'pad': 0.*'pad': 100"):
+        ds.check_compatible(ds.vocab_size, 512, tokenizer=pad_moved)

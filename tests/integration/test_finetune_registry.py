@@ -1,9 +1,11 @@
 """Registry round trip on the local SQLite store: a suite fine-tunes and registers its best model, the promotion
 gate makes it the champion, `models:/<name>@champion` resolves back to a directory that loads and predicts the
-same; a second suite that does not beat the champion by the margin stays the challenger."""
+same; a second suite that does not beat the champion by the margin stays the challenger; the gate compares the
+median over seeds, not the best seed."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +13,12 @@ import pytest
 
 from conftest import make_keyword_task
 
+from bertscale import tracking
 from bertscale.config import CustomTaskConfig, PipelineConfig
 from bertscale.finetune import get_task, load_eval, resolve_checkpoint, run_finetune
-from bertscale.finetune.trainer import encode_split, predict, prepare_tokenizer
+from bertscale.finetune.suite import TaskSummary, register_best, summarize
+from bertscale.finetune.tasks import Hparams
+from bertscale.finetune.trainer import EpochRecord, TaskResult, encode_split, predict, prepare_tokenizer
 from bertscale.model import BertForSequenceClassification
 from bertscale.model.hf import load_pretrained
 from bertscale.tokenizer import load_tokenizer
@@ -61,3 +66,33 @@ def test_finetune_register_resolve_load(yesno: tuple[CustomTaskConfig, Path], tm
     assert second.registered == {"rt-yesno": "2"} and second.promotions["rt-yesno"].startswith("challenger")
     assert str(client.get_model_version_by_alias("rt-yesno", "champion").version) == "1"
     assert str(client.get_model_version_by_alias("rt-yesno", "challenger").version) == "2"
+
+
+def _summary(scores: list[float], model_dir: Path) -> TaskSummary:
+    """A task's chosen grid point with one run per seed; the best seed's model is a stand-in directory."""
+    runs = []
+    for seed, v in enumerate(scores):
+        metrics = {"RTE": {"accuracy": v, "score": v}}
+        history = [EpochRecord(1, 1, 0.5, 1e-5, 1.0, metrics, v)]
+        runs.append(TaskResult("RTE", seed, asdict(Hparams()), 1, metrics, history, [], model_dir=str(model_dir)))
+    (summary,) = summarize(runs).values()
+    return summary
+
+
+def test_gate_compares_the_median_over_seeds_not_the_best_seed(tmp_path: Path) -> None:
+    cfg = PipelineConfig.model_validate({"name": "gate", "workdir": str(tmp_path), "registry": {"margin": 0.05}})
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    decisions = []
+    # Champion median 0.70. Challenger: median 0.72 (gain 0.02 < margin) though its best seed is far ahead (0.95);
+    # then median 0.80 (gain 0.10 > margin).
+    for scores in ([0.60, 0.70, 0.80], [0.50, 0.72, 0.95], [0.78, 0.80, 0.81]):
+        with tracking.stage_run(cfg, "finetune-RTE"):
+            version, gate = register_best(cfg, _summary(scores, model), {})
+        decisions.append((version, gate.promoted, gate.score))
+    assert decisions == [("1", True, pytest.approx(0.70)), ("2", False, pytest.approx(0.72)),
+                         ("3", True, pytest.approx(0.80))]
+    client = tracking._client()
+    assert str(client.get_model_version_by_alias("gate-RTE", "champion").version) == "3"
+    assert client.get_model_version("gate-RTE", "2").tags["bertscale.best_seed_score"] == "0.95"

@@ -289,6 +289,25 @@ def test_sigterm_checkpoints_and_stops(workdir, tmp_path, clean_env, monkeypatch
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000003"
 
 
+def test_a_fresh_run_sets_old_checkpoints_aside_and_a_changed_stage_is_refused(workdir, tmp_path, clean_env):
+    from bertscale.errors import ConfigError
+    from bertscale.train import pretrain
+
+    out = tmp_path / "rerun"
+    assert pretrain(config(workdir, out, "train.max_steps=4", "train.eval_every=4", "train.zero_stage=0")
+                    ).final_step == 4
+    with pytest.raises(ConfigError, match="written with train.zero_stage=0, this run has train.zero_stage=1"):
+        pretrain(config(workdir, out, "train.max_steps=6", "train.zero_stage=1"))
+    result = pretrain(config(workdir, out, "train.max_steps=2", "train.eval_every=2", "train.zero_stage=0",
+                             "train.resume=false"))
+    assert result.final_step == 2 and sorted(steps(out)) == [1, 2]
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step00000002"
+    assert sorted(p.name for p in ckpts.glob("step*")) == ["step00000002"]
+    (archive,) = ckpts.glob("previous-*")
+    assert (archive / "step00000004").is_dir()
+
+
 def test_rank0_logs_metrics_into_the_mlflow_run_named_by_the_env(workdir, tmp_path, clean_env, monkeypatch):
     from bertscale import tracking
     from bertscale.train import pretrain

@@ -54,3 +54,34 @@ def test_normalize_whitespace_collapses_runs_and_blank_lines():
 def test_clean_text_chains_all_steps():
     assert clean_text("  <i>Cafe\u0301</i>\x00  bar\r\n\r\n\r\nnext ") == "Caf\u00e9 bar\n\nnext"
     assert clean_text("<i>x</i>", markup=False) == "<i>x</i>"
+
+
+def test_self_closing_ref_keeps_the_text_after_it():
+    text = 'big.<ref name="a" /> It has many museums. <ref>Cite</ref> End.'
+    assert clean_text(text) == "big. It has many museums. End."
+
+
+def test_comparisons_in_running_text_are_not_tags():
+    assert clean_text("If x<y and y>z then a < b > c.") == "If x<y and y>z then a < b > c."
+    assert clean_text("keep <b>bold</b> and <span class='x'>span</span>") == "keep bold and span"
+
+
+def test_unclosed_blocks_are_searched_for_their_closing_tag_once(monkeypatch):
+    # The old lazy `<ref>.*?</ref>` rescanned the rest of the text from every unclosed opening (quadratic).
+    from bertscale.corpus import cleaning
+
+    calls: list[str] = []
+
+    class Counting:
+        def __init__(self, pattern):
+            self.pattern = pattern
+
+        def search(self, text, pos=0):
+            calls.append(self.pattern.pattern)
+            return self.pattern.search(text, pos)
+
+    monkeypatch.setattr(cleaning, "_BLOCK_CLOSE", {k: Counting(v) for k, v in cleaning._BLOCK_CLOSE.items()})
+    text = "<ref>first</ref>kept " + "word <ref>cite " * 500 + "<!-- open " * 500 + "tail"
+    out = cleaning.strip_markup(text)
+    assert len(calls) == 3  # the closed block, then one failed search per unclosed kind
+    assert out.startswith("kept word cite word") and "<ref>" not in out and out.endswith("tail")

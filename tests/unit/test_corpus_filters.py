@@ -50,3 +50,28 @@ def test_alpha_ratio_counts_words_with_any_letter():
     rules = only(min_alpha_ratio=0.6)  # 4 of 6 words below have a letter
     assert first_failed_rule("1990) (born x2 über naïve 2020", rules) is None
     assert first_failed_rule("1990 2000 3000 word", rules) == "min_alpha_ratio"
+
+
+CHINESE = ("北京是中华人民共和国的首都，也是全国的政治、文化和国际交往中心。北京有很多博物馆、公园和古老的胡同，"
+           "每年吸引大量来自世界各地的游客。故宫、天坛和长城都是著名的景点，") * 3
+JAPANESE = ("東京は日本の首都であり、人口は約千四百万人で世界でも有数の大都市です。多くの博物館や公園があり、"
+            "毎年たくさんの観光客が訪れます。浅草寺やスカイツリーは特に人気があります。") * 3
+THAI = ("กรุงเทพมหานครเป็นเมืองหลวงของประเทศไทย มีประชากรจำนวนมาก และมีวัดวาอารามที่สวยงามมากมาย "
+        "นักท่องเที่ยวจากทั่วโลกนิยมมาเยือนทุกปี ") * 3
+
+
+@pytest.mark.parametrize("text", [CHINESE, JAPANESE, THAI])
+def test_scripts_without_spaces_pass_the_default_filters(text):
+    # split() saw one or two huge "words": min_words=30 and max_mean_word_length dropped every such document.
+    assert len(text) >= 200
+    assert first_failed_rule(text, build_rules(FilterConfig())) is None
+
+
+def test_unspaced_script_characters_count_as_words():
+    from bertscale.corpus.filters import DocView
+
+    assert len(DocView("東京は首都").words) == 5
+    assert DocView("東京 Tower").words == ["東", "京", "Tower"]
+    assert DocView("กรุงเทพ").words == ["ก", "รุ", "ง", "เ", "ท", "พ"]  # marks stay with their consonant
+    assert first_failed_rule("東京は首都。" * 4, only(min_words=30)) == "min_words"  # 24 words
+    assert first_failed_rule("東京は首都。" * 5, only(min_words=30)) is None  # 30 words

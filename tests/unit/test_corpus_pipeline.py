@@ -4,6 +4,8 @@ manifest/quarantine contract, the document-count invariant and the user errors."
 from __future__ import annotations
 
 import gzip
+import hashlib
+import io
 import json
 from pathlib import Path
 
@@ -11,9 +13,10 @@ import apache_beam as beam
 import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
+from apache_beam.io.filesystem import FileMetadata, FileSystem
 from apache_beam.testing.util import assert_that, equal_to
 
-from bertscale.config import load_config
+from bertscale.config import RunnerConfig, load_config
 from bertscale.corpus.pipeline import (
     NUM_BUCKETS,
     UnitKeys,
@@ -22,10 +25,13 @@ from bertscale.corpus.pipeline import (
     candidates_in_bucket,
     exact_buckets,
     exact_drops_in_bucket,
+    run_corpus,
     run_plain,
+    validate_runner,
 )
 from bertscale.corpus.readers import expand_inputs, plan_units
-from bertscale.errors import InputError
+from bertscale.corpus.sentences import split_sentences
+from bertscale.errors import ConfigError, InputError
 
 SENTENCE = "The committee met on Tuesday to discuss the budget for the coming year and agreed on it. "
 
@@ -131,3 +137,187 @@ def test_units_are_planned_in_document_order(tmp_path, corpus_dir):
     units = plan_units(expand_inputs([str(corpus_dir)]), load_config().corpus)
     names = [u.file.rel for u in units]
     assert names == sorted(names) and names[0] == "in/books/b0.txt"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cloud outputs: an in-memory object store registered with Beam's FileSystems under memfs://
+# ---------------------------------------------------------------------------------------------------------------
+class MemFileSystem(FileSystem):
+    """A flat key -> bytes store like GCS or S3: no directories, deleting a "directory" name deletes nothing."""
+
+    objects: dict[str, bytes] = {}
+
+    @classmethod
+    def scheme(cls):
+        return "memfs"
+
+    def join(self, basepath, *paths):
+        return "/".join([basepath.rstrip("/"), *(p.strip("/") for p in paths)])
+
+    def split(self, path):
+        head, _, tail = path.rpartition("/")
+        return head, tail
+
+    def mkdirs(self, path):
+        pass
+
+    def has_dirs(self):
+        return False
+
+    def _list(self, prefix):
+        for key in sorted(self.objects):
+            if key.startswith(prefix):
+                yield FileMetadata(key, len(self.objects[key]), 0.0)
+
+    def create(self, path, mime_type=None, compression_type=None):
+        store = self.objects
+
+        class Writer(io.BytesIO):
+            def close(self):
+                if not self.closed:
+                    store[path] = self.getvalue()
+                super().close()
+
+        return Writer()
+
+    def open(self, path, mime_type=None, compression_type=None):
+        return io.BytesIO(self.objects[path])
+
+    def copy(self, sources, destinations):
+        for s, d in zip(sources, destinations):
+            self.objects[d] = self.objects[s]
+
+    def rename(self, sources, destinations):
+        for s, d in zip(sources, destinations):
+            self.objects[d] = self.objects.pop(s)
+
+    def exists(self, path):
+        return path in self.objects
+
+    def size(self, path):
+        return len(self.objects[path])
+
+    def last_updated(self, path):
+        return 0.0
+
+    def checksum(self, path):
+        return str(len(self.objects[path]))
+
+    def metadata(self, path):
+        return FileMetadata(path, len(self.objects[path]), 0.0)
+
+    def delete(self, paths):
+        for path in paths:
+            self.objects.pop(path, None)
+
+
+@pytest.fixture()
+def memfs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where a mangled "memfs:/bucket" path would land
+    MemFileSystem.objects.clear()
+    yield MemFileSystem.objects
+    MemFileSystem.objects.clear()
+
+
+def test_uri_output_is_written_through_beam_filesystems(tmp_path, corpus_dir, memfs):
+    cfg = make_cfg(tmp_path, [corpus_dir], "corpus.output=memfs://bucket/corpus")
+    result = run_plain(cfg)
+    assert result.output_dir == "memfs://bucket/corpus"
+    assert result.manifest_path == "memfs://bucket/corpus/manifest.json"
+    manifest = json.loads(memfs["memfs://bucket/corpus/manifest.json"])
+    assert manifest == result.manifest and result.manifest_sha256 == hashlib.sha256(
+        memfs["memfs://bucket/corpus/manifest.json"]).hexdigest()
+    for shard in manifest["shards"]:
+        assert hashlib.sha256(memfs[f"memfs://bucket/corpus/{shard['name']}"]).hexdigest() == shard["sha256"]
+    assert "memfs://bucket/corpus/quarantine.jsonl" in memfs
+    assert not [k for k in memfs if "/_work/" in k]  # the work files under the prefix are gone too
+    assert not (tmp_path / "memfs:").exists()
+
+
+def test_stage_location_keeps_uris_and_stage_dir_refuses_them():
+    cfg = load_config(None, ["corpus.output=gs://bucket/corpus", "workdir=s3://b/run"])
+    assert cfg.stage_location("corpus") == "gs://bucket/corpus"
+    assert cfg.stage_location("tokenizer") == "s3://b/run/tokenizer"
+    with pytest.raises(ConfigError, match="gs://bucket/corpus is a URI"):
+        cfg.stage_dir("corpus")
+    assert load_config(None, ["workdir=runs/x"]).stage_dir("corpus") == Path("runs/x/corpus")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Failures that must not crash the job or leave a stale output behind
+# ---------------------------------------------------------------------------------------------------------------
+def test_a_record_that_breaks_processing_is_quarantined_not_fatal(tmp_path, corpus_dir, monkeypatch):
+    from bertscale.corpus import pipeline
+
+    def split_or_fail(text, min_chars):
+        if "Article 4 " in text:
+            raise RecursionError("maximum recursion depth exceeded")
+        return split_sentences(text, min_chars)
+
+    monkeypatch.setattr(pipeline, "split_sentences", split_or_fail)
+    result = run_plain(make_cfg(tmp_path, [corpus_dir]))
+    c = result.counts
+    assert c["read"] == c["kept"] + c["filtered"] + c["duplicates"] + c["quarantined"]
+    quarantine = [json.loads(line) for line in (result.output_dir / "quarantine.jsonl").read_text().splitlines()]
+    failed = [q for q in quarantine if "processing failed: RecursionError" in q["reason"]]
+    assert [Path(q["file"]).name for q in failed] == ["b4.txt"]
+
+
+def test_a_reader_that_raises_is_quarantined_and_keeps_earlier_records(tmp_path, corpus_dir, monkeypatch):
+    from bertscale.corpus import pipeline
+
+    real = pipeline.read_unit
+
+    def read_then_fail(unit, cfg, counts):
+        yield from real(unit, cfg, counts)
+        if unit.file.path.endswith("d.jsonl.gz"):
+            raise MemoryError("simulated")
+
+    monkeypatch.setattr(pipeline, "read_unit", read_then_fail)
+    result = run_plain(make_cfg(tmp_path, [corpus_dir]))
+    c = result.counts
+    assert c["read"] == c["kept"] + c["filtered"] + c["duplicates"] + c["quarantined"]
+    reasons = (result.output_dir / "quarantine.jsonl").read_text()
+    assert "reader failed after position" in reasons and "MemoryError" in reasons
+    ids = [i for s in result.manifest["shards"]
+           for i in pq.read_table(result.output_dir / s["name"], columns=["doc_id"]).column(0).to_pylist()]
+    assert any(i.startswith("in/d.jsonl.gz#") for i in ids)  # the records read before the failure are kept
+
+
+def test_a_failed_run_leaves_no_stale_manifest(tmp_path, corpus_dir):
+    first = run_plain(make_cfg(tmp_path, [corpus_dir]))
+    assert first.manifest_path.is_file()
+    with pytest.raises(InputError, match="no documents survived"):
+        run_plain(make_cfg(tmp_path, [corpus_dir], "corpus.filters.min_chars=1000000"))
+    assert not first.manifest_path.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runner validation
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("runner,options", [
+    ("DirectRunner", []), ("direct", []), ("DataflowRunner", ["--project=p", "--region=r"]),
+    ("FlinkRunner", ["--flink_master=localhost:8081", "--parallelism=2"]),
+    ("SparkRunner", ["--spark_master_url=spark://h:7077"]),
+    ("apache_beam.runners.direct.direct_runner.DirectRunner", ["--save_main_session"]),
+])
+def test_known_runners_and_options_pass(runner, options):
+    validate_runner(RunnerConfig(runner=runner, pipeline_options=options))
+
+
+@pytest.mark.parametrize("runner,options,message", [
+    ("DirectRuner", [], r"'DirectRuner' is not a Beam runner: did you mean DirectRunner\?"),
+    ("DirectRunner", ["--direct_num_worker=2"], r"unknown Beam option.*--direct_num_worker \(did you mean "
+                                                r"--direct_num_workers\?\)"),
+    ("DirectRunner", ["project=p"], r"must be of the form --name=value"),
+    ("DirectRunner", ["--runner=Flnk"], r"'Flnk' is not a Beam runner: did you mean FlinkRunner\?"),
+])
+def test_runner_typos_and_unknown_options_are_config_errors(runner, options, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_runner(RunnerConfig(runner=runner, pipeline_options=options))
+
+
+def test_run_corpus_rejects_a_bad_runner_before_reading_inputs(tmp_path):
+    cfg = make_cfg(tmp_path, [tmp_path / "missing"], "corpus.runner.runner=Dataflw")
+    with pytest.raises(ConfigError, match="did you mean DataflowRunner"):
+        run_corpus(cfg)

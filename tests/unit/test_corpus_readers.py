@@ -195,6 +195,31 @@ def test_huge_single_line_file_streams_in_bounded_memory(tmp_path):
     assert peak < 8 * 2**20
 
 
+
+def test_json_lines_that_break_the_parser_are_rejected_not_raised(tmp_path):
+    # A deeply nested line raises RecursionError and a huge integer ValueError, neither a JSONDecodeError.
+    deep = "[" * 100_000 + "]" * 100_000
+    huge = '{"text": "big number", "n": ' + "9" * 5000 + "}"
+    (tmp_path / "d.jsonl").write_text(f'{{"text": "good one"}}\n{deep}\n{huge}\n{{"text": "good two"}}\n')
+    items, _ = read_all(tmp_path / "d.jsonl")
+    assert texts(items) == ["good one", "good two"]
+    reasons = [r.reason for r in items if isinstance(r, Rejected)]
+    assert len(reasons) == 2 and "nested too deeply" in reasons[0] and "digits" in reasons[1]
+
+
+def test_doc_ids_do_not_depend_on_how_the_input_dir_is_spelled(tmp_path, monkeypatch):
+    (tmp_path / "corpus" / "sub").mkdir(parents=True)
+    for name in ("a.txt", "sub/b.txt"):
+        (tmp_path / "corpus" / name).write_text("x")
+    monkeypatch.chdir(tmp_path / "corpus" / "sub")
+    spellings = ["../../corpus", "..", "../", str(tmp_path / "corpus"), "../../corpus/sub/.."]
+    for spec in spellings:
+        assert [f.rel for f in expand_inputs([spec])] == ["corpus/a.txt", "corpus/sub/b.txt"], spec
+    monkeypatch.chdir(tmp_path)
+    assert [f.rel for f in expand_inputs(["corpus"])] == ["corpus/a.txt", "corpus/sub/b.txt"]
+    assert [f.rel for f in expand_inputs(["corpus/*.txt"])] == ["corpus/a.txt"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Discovery
 # ---------------------------------------------------------------------------------------------------------------

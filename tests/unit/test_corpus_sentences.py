@@ -37,3 +37,20 @@ def test_short_sentences_are_merged():
     assert split_sentences("Hi. A much longer sentence follows here. Ok.", min_chars=10) == [
         "Hi. A much longer sentence follows here. Ok."]
     assert split_sentences("") == []
+
+
+def test_cjk_terminals_end_sentences_without_a_space():
+    assert split_sentences("東京は日本の首都です。人口は多い！本当ですか？はい。") == [
+        "東京は日本の首都です。", "人口は多い！", "本当ですか？", "はい。"]
+    assert split_sentences("北京很大。上海也很大。") == ["北京很大。", "上海也很大。"]
+    # A quoted sentence that runs on into its own sentence does not end it.
+    assert split_sentences("「はい。」と答えた。「次。」") == ["「はい。」と答えた。", "「次。」"]
+
+
+def test_devanagari_danda_ends_sentences_with_or_without_a_space():
+    assert split_sentences("यह पहला वाक्य है।यह दूसरा है। और तीसरा॥") == [
+        "यह पहला वाक्य है।", "यह दूसरा है।", "और तीसरा॥"]
+
+
+def test_a_hard_wrapped_cjk_line_ending_in_a_full_stop_closes_its_block():
+    assert split_sentences("第一行は終わり。\n次の行") == ["第一行は終わり。", "次の行"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +57,32 @@ def test_checkpoint_disk_estimate_grows_with_the_model(tmp_path):
     # BERT-base: ~110M parameters x (4 bytes x 3 + 2) ~ 1.5 GB.
     assert 1.2e9 < base < 2.0e9
     assert small < base / 20
+
+
+def test_checkpoint_disk_estimate_uses_the_configured_vocabulary():
+    # model.vocab_size set: the estimate must use it (a hard-coded 30522 made config_from_pipeline refuse it).
+    small_vocab = doctor.checkpoint_bytes(load_config(overrides=["model.size=base", "model.vocab_size=1000"]))
+    default = doctor.checkpoint_bytes(load_config(overrides=["model.size=base"]))
+    assert default - small_vocab == (30522 - 1000) * 768 * (4 * 3 + 2)
+    from_tokenizer = doctor.checkpoint_bytes(load_config(overrides=["model.size=base", "tokenizer.vocab_size=1000"]))
+    assert from_tokenizer == small_vocab
+
+
+def test_serve_on_the_cli_checks_rank0s_own_node_and_shares_the_checkpoint_dir(tmp_path, monkeypatch, capsys):
+    from bertscale.cli import main
+
+    seen: dict = {}
+
+    def fake_handshake(port, peers, timeout, host="0.0.0.0", extra=None):
+        marker = (extra or {}).get("checkpoint_marker")
+        seen["marker"], seen["exists"] = marker, marker is not None and Path(marker).is_file()
+        return []
+
+    monkeypatch.setattr(doctor, "serve_handshake", fake_handshake)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "no-such-if0")
+    code = main(["doctor", "--serve", "--peers", "0", "--workdir", str(tmp_path), "--no-tracking"])
+    out = capsys.readouterr().out
+    assert seen["exists"] and Path(seen["marker"]).parent == tmp_path / "train" / "checkpoints"
+    assert not Path(seen["marker"]).exists()  # removed after the handshakes
+    assert "checkpoint disk" in out and "collective timeout" in out
+    assert code == 1 and "no-such-if0" in out  # rank 0's own environment is checked too

@@ -164,3 +164,43 @@ def test_custom_task_bad_input(tmp_path: Path) -> None:
     bad_json.write_text('{"text_a": "x", "label": "a"}\n{"text_a": "y", "label": \n')
     with pytest.raises(InputError, match=r"t.jsonl:2: not valid JSON"):
         load_train(get_task("t", [CustomTaskConfig(name="t", train=str(bad_json), labels=["a", "b"])]), None)
+
+
+def test_ax_in_glues_diagnostic_folder_and_in_ax(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # GLUE's download script writes diagnostic/diagnostic.tsv; some copies use AX/. Both are found.
+    lines = [_tsv("index", "sentence1", "sentence2"), _tsv("0", "a", "b"), _tsv("1", "c", "d")]
+    _write(tmp_path / "glue" / "diagnostic" / "diagnostic.tsv", lines)
+    (ax,) = load_test(get_task("AX"), tmp_path / "glue")
+    assert ax.dataset["idx"] == ["0", "1"] and ax.source.endswith("diagnostic/diagnostic.tsv")
+    _write(tmp_path / "copy" / "AX" / "diagnostic.tsv", lines[:2])
+    (ax,) = load_test(get_task("AX"), tmp_path / "copy")
+    assert ax.dataset["idx"] == ["0"]
+    # Absent: left out of the submission, with a warning (the GLUE server needs every file).
+    assert load_test(get_task("AX"), tmp_path / "empty") == []
+    assert any(r.levelname == "WARNING" and "AX.tsv is left out" in r.getMessage() for r in caplog.records)
+
+
+def test_custom_tsv_has_no_quote_handling(tmp_path: Path) -> None:
+    # Five data lines, two of which open a quote that a quoting reader would carry across lines.
+    rows = ['"Tis the season\tshakespeare', "plain words\tdickens", '"quoted" start, then text\tdickens',
+            "another line\tshakespeare", 'ends with a quote"\tdickens']
+    tsv = _write(tmp_path / "authors.tsv", ["sentence\tlabel", *rows])
+    task = get_task("authors", [CustomTaskConfig(name="authors", train=str(tsv), text_a="sentence")])
+    ds = load_train(task, None).dataset
+    assert ds["text_a"] == [r.split("\t")[0] for r in rows]
+    assert [task.labels[i] for i in ds["label"]] == ["shakespeare", "dickens", "dickens", "shakespeare", "dickens"]
+    # CSV keeps its quoting: a quoted comma stays in the field.
+    csv_file = _write(tmp_path / "a.csv", ["sentence,label", '"one, two",dickens', "three,shakespeare"])
+    c = CustomTaskConfig(name="a", train=str(csv_file), text_a="sentence")
+    assert load_train(get_task("a", [c]), None).dataset["text_a"] == ["one, two", "three"]
+
+
+def test_custom_rows_with_extra_fields_name_file_and_line(tmp_path: Path) -> None:
+    tsv = _write(tmp_path / "t.tsv", ["text\tlabel", "fine\ta", "a stray\ttab\tb"])
+    c = CustomTaskConfig(name="t", train=str(tsv), text_a="text", labels=["a", "b"])
+    with pytest.raises(InputError, match=r"t.tsv:3: 3 fields but the header has 2; a text field contains a tab"):
+        load_train(get_task("t", [c]), None)
+    csv_file = _write(tmp_path / "t.csv", ["text,label", "one, two,a"])
+    c = CustomTaskConfig(name="t", train=str(csv_file), text_a="text", labels=["a", "b"])
+    with pytest.raises(InputError, match=r"t.csv:2: 3 fields .*quote fields that contain commas"):
+        load_train(get_task("t", [c]), None)

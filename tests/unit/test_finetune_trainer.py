@@ -1,5 +1,5 @@
 """The fine-tuning loop on a tiny random-init BERT: batching, padding, learning a keyword task, saved models
-predicting the same, submission files, and a tokenizer that does not fit the checkpoint."""
+predicting the same, submission files, and tokenizers that do or do not fit the checkpoint."""
 
 from __future__ import annotations
 
@@ -19,12 +19,13 @@ from bertscale.finetune.trainer import (
     encode_split,
     finetune_task,
     length_grouped_batches,
+    load_checked_tokenizer,
     predict,
     prepare_tokenizer,
 )
 from bertscale.model import BertConfig, BertForPreTraining, BertForSequenceClassification
 from bertscale.model.hf import export_hf, load_pretrained
-from bertscale.tokenizer import load_tokenizer, save_tokenizer, train_wordpiece
+from bertscale.tokenizer import build_wordpiece, load_tokenizer, save_tokenizer, train_wordpiece
 
 WORDS = "the a movie film plot actor scene story music was is very quite really rather".split()
 
@@ -106,13 +107,62 @@ def test_finetune_learns_saves_and_predicts(keyword_task: tuple[CustomTaskConfig
     assert float((preds == dev.labels).mean()) == pytest.approx(result.metrics["keywords"]["accuracy"])
 
 
-def test_tokenizer_that_does_not_fit_the_checkpoint(keyword_task: tuple[CustomTaskConfig, Path],
-                                                    tmp_path: Path) -> None:
+def _tiny_checkpoint(path: Path, vocab_size: int) -> Path:
+    torch.manual_seed(0)
+    return export_hf(BertForPreTraining(BertConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=1,
+                                                   num_attention_heads=2, intermediate_size=32,
+                                                   max_position_embeddings=16)), path)
+
+
+def test_tokenizer_larger_than_the_embedding_table_is_rejected(keyword_task: tuple[CustomTaskConfig, Path],
+                                                                tmp_path: Path) -> None:
     task_cfg, ckpt = keyword_task
-    other = train_wordpiece(TokenizerConfig(vocab_size=120, min_frequency=1), iter([["some other words here"]]))
+    words = [f"w{i}x{j}" for i in range(40) for j in range(10)]
+    other = train_wordpiece(TokenizerConfig(vocab_size=600, min_frequency=1), iter([words]))
     save_tokenizer(other, tmp_path / "tok")
+    assert other.get_vocab_size() > load_tokenizer(ckpt).get_vocab_size()
     with pytest.raises(ConfigError, match=rf"tokenizer {tmp_path / 'tok'} has \d+ tokens but checkpoint {ckpt}"):
         finetune_task("keywords", ckpt, tmp_path / "tok", Hparams(epochs=1), custom_tasks=[task_cfg])
+
+
+def test_tokenizer_smaller_than_a_padded_embedding_table_is_accepted(keyword_task: tuple[CustomTaskConfig, Path],
+                                                                     tmp_path: Path) -> None:
+    _, ckpt = keyword_task
+    tok = load_tokenizer(ckpt)
+    n = tok.get_vocab_size(with_added_tokens=True)
+    padded = _tiny_checkpoint(tmp_path / "padded", n + 6)  # as 30522 tokens in 30528 rows
+    save_tokenizer(tok, padded)
+    assert load_checked_tokenizer(padded, padded).get_vocab_size(with_added_tokens=True) == n
+
+
+def test_special_token_ids_must_match_the_checkpoints_tokenizer(keyword_task: tuple[CustomTaskConfig, Path],
+                                                                tmp_path: Path) -> None:
+    _, ckpt = keyword_task
+    vocab = load_tokenizer(ckpt).get_vocab(with_added_tokens=True)
+    # Same tokens, same size, but [PAD] and [MASK] trade ids: embeddings would be looked up in the wrong rows.
+    swapped = {**vocab, "[PAD]": vocab["[MASK]"], "[MASK]": vocab["[PAD]"]}
+    save_tokenizer(build_wordpiece(swapped), tmp_path / "swapped")
+    with pytest.raises(ConfigError, match=r"special tokens different ids \(\[PAD\] 4 vs 0, \[MASK\] 0 vs 4\)"):
+        load_checked_tokenizer(tmp_path / "swapped", ckpt)
+    # Without a tokenizer recorded in the checkpoint there is nothing to compare with.
+    bare = _tiny_checkpoint(tmp_path / "bare", len(vocab))
+    assert load_checked_tokenizer(tmp_path / "swapped", bare).token_to_id("[PAD]") == 4
+
+
+def test_given_tokenizer_overrides_the_checkpoints_own_with_a_warning(keyword_task: tuple[CustomTaskConfig, Path],
+                                                                      tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    from bertscale.config import PipelineConfig
+    from bertscale.finetune import resolve_tokenizer
+
+    _, ckpt = keyword_task
+    save_tokenizer(load_tokenizer(ckpt), tmp_path / "given")
+    cfg = PipelineConfig(workdir=str(tmp_path))
+    assert resolve_tokenizer(ckpt, None, cfg) == ckpt
+    assert not caplog.records
+    assert resolve_tokenizer(ckpt, str(tmp_path / "given"), cfg) == tmp_path / "given"
+    assert any(r.levelname == "WARNING" and "not the one saved with checkpoint" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_suite_grid_in_process_pool_picks_best_point(keyword_task: tuple[CustomTaskConfig, Path],
@@ -134,3 +184,24 @@ def test_suite_grid_in_process_pool_picks_best_point(keyword_task: tuple[CustomT
     assert summary.stats["keywords"]["accuracy"][0] > 0.8
     assert (Path(result.submission_dir) / "keywords.tsv").is_file() and result.registered == {}
     assert "| keywords |" in (tmp_path / "finetune" / "results.md").read_text()
+
+
+def test_process_pool_collects_a_failed_job_and_keeps_the_others(keyword_task: tuple[CustomTaskConfig, Path],
+                                                                  tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from bertscale.config import PipelineConfig
+    from bertscale.finetune.suite import build_jobs, run_jobs
+
+    task_cfg, ckpt = keyword_task
+    cfg = PipelineConfig.model_validate({
+        "workdir": str(tmp_path), "tracking": {"enabled": False},
+        "finetune": {"tasks": ["keywords"], "custom_tasks": [task_cfg.model_dump()], "seeds": [0, 1], "epochs": 1,
+                     "batch_size": 16, "max_length": 32, "precision": "fp32", "max_train_examples": 32,
+                     "max_eval_examples": 16, "predict_test": False},
+    })
+    good, doomed = build_jobs(cfg, ckpt, ckpt, tmp_path / "out")
+    results, failures = run_jobs([good, replace(doomed, tokenizer=str(tmp_path / "no-such-tokenizer"))], 2)
+    assert [(r.task, r.seed) for r in results] == [("keywords", 0)]
+    assert [(f.task, f.seed) for f in failures] == [("keywords", 1)]
+    assert failures[0].error.startswith("InputError: no tokenizer at")

@@ -58,3 +58,41 @@ def test_stage_output_marker_lifecycle(tmp_path):
     other = lineage.StageOutput("corpus", "cd" * 32, out.path)
     assert other.completed() is None
     assert json.loads(out.marker.read_text())["fingerprint"] == "ab" * 32
+
+
+def test_registry_and_name_move_only_the_finetune_fingerprint():
+    base = _fps(load_config())
+    for change in ("registry.margin=0.02", "registry.higher_is_better=false", "name=other",
+                   "finetune.register_models=false"):
+        changed = _fps(load_config(overrides=[change]))
+        assert changed[:4] == base[:4] and changed[4] != base[4], change
+    # Whether the encoder is registered is decided after training, outside every stage's cache.
+    assert _fps(load_config(overrides=["registry.register_encoder=false"])) == base
+
+
+def test_task_inputs_fingerprint_follows_the_task_files(tmp_path):
+    task = tmp_path / "task.tsv"
+    task.write_text("text\tlabel\na\tx\n")
+    custom = ['finetune.tasks=[mine]',
+              f'finetune.custom_tasks=[{{name: mine, train: {task}, dev: {task}, text_a: text}}]']
+    first = lineage.task_inputs_fingerprint(load_config(overrides=custom))
+    assert lineage.task_inputs_fingerprint(load_config(overrides=custom)) == first
+    task.write_text("text\tlabel\na\tx\nb\ty\n")
+    assert lineage.task_inputs_fingerprint(load_config(overrides=custom)) != first
+
+    glue = tmp_path / "glue"
+    for folder in ("RTE", "SST-2"):
+        (glue / folder).mkdir(parents=True)
+        (glue / folder / "dev.tsv").write_text("index\tsentence1\tsentence2\tlabel\n")
+    rte = ["finetune.tasks=[RTE]", f"finetune.glue_dir={glue}"]
+    before = lineage.task_inputs_fingerprint(load_config(overrides=rte))
+    (glue / "SST-2" / "dev.tsv").write_text("another task's file\n")
+    assert lineage.task_inputs_fingerprint(load_config(overrides=rte)) == before
+    (glue / "RTE" / "train.tsv").write_text("index\tsentence1\tsentence2\tlabel\n")
+    assert lineage.task_inputs_fingerprint(load_config(overrides=rte)) != before
+    # MNLI's model also predicts AX: its folder (diagnostic/ in GLUE's layout) is an input too.
+    mnli = ["finetune.tasks=[MNLI]", f"finetune.glue_dir={glue}"]
+    without_ax = lineage.task_inputs_fingerprint(load_config(overrides=mnli))
+    (glue / "diagnostic").mkdir()
+    (glue / "diagnostic" / "diagnostic.tsv").write_text("index\tsentence1\tsentence2\n")
+    assert lineage.task_inputs_fingerprint(load_config(overrides=mnli)) != without_ax

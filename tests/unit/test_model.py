@@ -251,3 +251,36 @@ def test_peak_probe_stays_small_where_a_dtype_is_slow():
     start = time.perf_counter()
     assert measure_peak_flops(torch.bfloat16, seconds=0.1) > 0
     assert time.perf_counter() - start < 20
+
+
+@pytest.mark.parametrize("name, precision, expected", [
+    ("NVIDIA A100-SXM4-80GB", "bf16", 312e12),
+    ("NVIDIA H100 PCIe", "bf16", 756e12),
+    ("NVIDIA H100 80GB HBM3", "fp16", 989e12),
+    ("NVIDIA L4", "bf16", 121e12),
+    ("NVIDIA L40S", "fp32", 183e12),
+    ("NVIDIA A10", "bf16", 125e12),
+    ("Tesla V100-SXM2-16GB", "fp16", 125e12),
+    ("Tesla V100-SXM2-16GB", "bf16", None),  # no bf16 before Ampere
+    ("NVIDIA A10G", "bf16", None),  # "A10" must not match A10G (or A100)
+    ("NVIDIA L40", "bf16", None),  # "L4" must not match L40
+])
+def test_gpu_peak_table(name, precision, expected):
+    from bertscale.model.flops import gpu_peak_flops
+
+    assert gpu_peak_flops(name, precision) == expected
+
+
+def test_an_unknown_gpu_gives_no_mfu_instead_of_crashing(monkeypatch, caplog):
+    from bertscale.config import TrainConfig
+    from bertscale.model import flops
+    from bertscale.train.engine import make_throughput
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Quantum X9")
+    with caplog.at_level("WARNING"):
+        assert flops.peak_flops("cuda", "bf16") is None
+    assert "Quantum X9" in caplog.text and "train.peak_tflops" in caplog.text
+    meter = make_throughput(tiny_config(), 16, TrainConfig(precision="bf16"), torch.device("cuda"), world=2)
+    assert meter.peak_flops is None and "mfu" not in meter.flush() and meter.overall()[1] is None
+    explicit = make_throughput(tiny_config(), 16, TrainConfig(peak_tflops=100), torch.device("cuda"), world=2)
+    assert explicit.peak_flops == 200e12

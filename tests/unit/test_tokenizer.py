@@ -151,6 +151,17 @@ def test_fingerprint_is_stable_and_vocab_sensitive(tok, tmp_path: Path) -> None:
     assert canonical_order(ba).token_to_id("a") == 5
 
 
+def test_fingerprint_covers_the_normalizer_settings() -> None:
+    # Same vocabulary, different normalization: other ids for the same text, so another tokenized cache.
+    vocab = {**MINI_VOCAB, "a": 5, "b": 6, "##c": 7}
+    base = tokenizer_fingerprint(build_wordpiece(vocab))
+    assert tokenizer_fingerprint(build_wordpiece(vocab, lowercase=False)) != base
+    assert tokenizer_fingerprint(build_wordpiece(vocab, strip_accents=False)) != base
+    assert tokenizer_fingerprint(build_wordpiece(vocab, handle_chinese_chars=False)) != base
+    # strip_accents=None follows lowercase, as in BERT: the same behaviour, the same fingerprint.
+    assert tokenizer_fingerprint(build_wordpiece(vocab, lowercase=True, strip_accents=True)) == base
+
+
 def test_trained_ids_are_in_canonical_order(tok) -> None:
     tokens = sorted(tok.get_vocab(), key=tok.get_vocab().get)
     assert tokens[:5] == list(MINI_VOCAB) and tokens[5:] == sorted(tokens[5:])
@@ -167,26 +178,46 @@ def test_check_compatible_mismatches(tok) -> None:
         special_ids(no_mask)
 
 
-def test_corpus_stream_holds_out_the_last_rows_and_counts_empties(tmp_path: Path) -> None:
+def test_corpus_stream_holds_out_a_seeded_sample_and_counts_empties(tmp_path: Path) -> None:
     docs = [f"document number {i}" for i in range(40)]
     a = _write_parquet(tmp_path / "a.parquet", docs[:15] + [None, "  "])
     empty = _write_parquet(tmp_path / "b.parquet", [])
     c = _write_parquet(tmp_path / "c.parquet", docs[15:])
-    stream = CorpusStream([a, empty, c], batch_size=4, heldout=3)
+    stream = CorpusStream([a, empty, c], batch_size=4, heldout=3, seed=1)
     trained = [d for batch in stream for d in batch]
     assert stream.total_docs == 42 and stream.heldout_target == 3
-    assert stream.heldout == docs[-3:]
-    assert trained == docs[:-3]
-    assert stream.counts["empty_files"] == 1 and stream.counts["empty_docs"] == 2
-    assert stream.counts["train_docs"] == 37
+    assert len(stream.heldout) <= 3 and set(stream.heldout).isdisjoint(trained)
+    assert sorted(trained + stream.heldout, key=docs.index) == docs and trained == sorted(trained, key=docs.index)
+    assert stream.counts["empty_files"] == 1
+    assert stream.counts["empty_docs"] + stream.counts["train_docs"] + len(stream.heldout) == 42
 
 
-def test_read_heldout_reads_only_the_tail(tmp_path: Path) -> None:
-    first = _write_parquet(tmp_path / "a.parquet", [f"early {i}" for i in range(30)])
-    last = _write_parquet(tmp_path / "b.parquet", [f"late {i}" for i in range(10)])
-    stream = CorpusStream([first, last], batch_size=7, heldout=4)
-    first.write_bytes(b"not parquet any more")  # would raise if it were read again
-    assert stream.read_heldout() == [f"late {i}" for i in range(6, 10)]
+def test_heldout_sample_is_seeded_and_not_the_tail(tmp_path: Path) -> None:
+    # Corpus shards are in source order, so the last rows are one source's documents: a biased held-out set.
+    docs = [f"document number {i}" for i in range(1000)]
+    files = [_write_parquet(tmp_path / f"{i}.parquet", docs[i * 100:(i + 1) * 100]) for i in range(10)]
+
+    def held(seed: int) -> list[str]:
+        stream = CorpusStream(files, batch_size=64, heldout=50, seed=seed)
+        for _ in stream:
+            pass
+        return stream.heldout
+
+    first = held(0)
+    assert len(first) == 50 and first == held(0) and first != held(1)
+    assert len({docs.index(d) // 100 for d in first}) >= 5  # spread over the sources, not only the last one
+
+
+def test_read_heldout_reads_only_files_holding_the_sample(tmp_path: Path) -> None:
+    files = [_write_parquet(tmp_path / f"{i}.parquet", [f"doc {i}-{j}" for j in range(5)]) for i in range(20)]
+    stream = CorpusStream(files, batch_size=3, heldout=4, seed=3)
+    holding = {int(p) // 5 for p in stream.heldout_positions}
+    assert len(holding) < len(files)
+    for i, f in enumerate(files):
+        if i not in holding:
+            f.write_bytes(b"not parquet any more")  # would raise if it were read again
+    held = stream.read_heldout()
+    assert held == [f"doc {p // 5}-{p % 5}" for p in stream.heldout_positions]
     assert stream.counts["train_docs"] == 0
 
 

@@ -100,3 +100,18 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def test_output_lines_drop_progress_redraws_and_keep_the_final_bar():
+    import io
+
+    from bertscale.train.launch import output_lines
+
+    out = (b"starting\n"
+           b"\rpretrain:   0%|     | 0/3\rpretrain:  33%|#    | 1/3\rpretrain: 100%|#####| 3/3\n"
+           b"windows line\r\n"
+           b"\n   \n"
+           b"caf\xc3\xa9 done\n"
+           b"\rbar killed mid-draw 50%")
+    assert list(output_lines(io.BytesIO(out))) == [
+        "starting", "pretrain: 100%|#####| 3/3", "windows line", "café done", "bar killed mid-draw 50%"]
