@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 from prefect import flow, task
 
 from bertscale import tracking
-from bertscale.config import PipelineConfig
+from bertscale.config import PipelineConfig, is_uri
 from bertscale.corpus import run_corpus
 from pipelines import runtime
-
-
-def manifest_digest(manifest_path: Path) -> str:
-    return hashlib.sha256(manifest_path.read_bytes()).hexdigest()
 
 
 def corpus_tracked(cfg: PipelineConfig, tags: dict[str, str] | None = None,
@@ -23,13 +16,17 @@ def corpus_tracked(cfg: PipelineConfig, tags: dict[str, str] | None = None,
     with tracking.stage_run(cfg, "corpus", tags={**runtime.prefect_tags(), **(tags or {})},
                             parent_run_id=parent_run_id) as run_id:
         result = run_corpus(cfg)
-        digest = manifest_digest(result.manifest_path)
+        digest = result.manifest_sha256
         tracking.log_config(cfg, "corpus")
         tracking.log_metrics({f"corpus.{k}": v for k, v in result.counts.items()})
-        tracking.log_artifact(result.manifest_path)
-        quarantine = result.output_dir / "quarantine.jsonl"
-        if quarantine.exists():
-            tracking.log_artifact(quarantine)
+        if is_uri(str(result.output_dir)):
+            # The manifest and quarantine stay in the object store; the run records where.
+            tracking.set_tags({"bertscale.corpus_output": str(result.output_dir)})
+        else:
+            tracking.log_artifact(result.manifest_path)
+            quarantine = result.output_dir / "quarantine.jsonl"
+            if quarantine.exists():
+                tracking.log_artifact(quarantine)
         tracking.set_tags({"bertscale.corpus_manifest_sha256": digest})
     runtime.markdown("corpus-summary", runtime.counts_markdown("Corpus", result.counts), "Corpus stage counts")
     return {"output_dir": str(result.output_dir), "manifest_sha256": digest, "counts": result.counts,

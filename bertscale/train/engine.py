@@ -159,7 +159,7 @@ def load_phases(cfg: PipelineConfig, data_dir: Path, tok: Any, env: DistEnv, max
     phases = []
     for i, (seq_len, start) in enumerate(zip(cfg.data.seq_lengths, starts)):
         train_set = PretrainingDataset(data_dir, seq_len, "train")
-        train_set.check_compatible(vocab, max_positions)
+        train_set.check_compatible(vocab, max_positions, tokenizer=tok)
         # Distinct masking streams per rank and phase; the loader's state carries them across resumes.
         collator = make_collator(cfg, tok, special, vocab, seed=cfg.train.seed * 1000 + env.rank * 10 + i)
         loader = DistributedLoader(train_set, cfg.train.micro_batch_size, collator, env.rank, env.world_size,

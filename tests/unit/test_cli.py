@@ -6,7 +6,8 @@ import pytest
 
 from bertscale.cli import build_parser, main
 
-SUBCOMMANDS = ["corpus", "tokenizer", "data", "pretrain", "finetune", "pipeline", "models", "submit", "doctor", "config"]
+SUBCOMMANDS = ["corpus", "tokenizer", "data", "pretrain", "finetune", "pipeline", "models", "submit", "doctor",
+               "config", "export"]
 
 
 @pytest.mark.parametrize("command", [[], *([c] for c in SUBCOMMANDS)])
