@@ -80,7 +80,7 @@ def test_pipeline_runs_caches_and_reruns_downstream(overrides, prefect_harness):
 
     # The registry: the encoder (logged into its pretraining run, with its lineage) and the fine-tuned models.
     enc = client.get_model_version_by_alias("debug-encoder", "champion")
-    assert enc.version == "1" and enc.run_id == first["train"]["mlflow_run_id"] == pretrain.info.run_id
+    assert str(enc.version) == "1" and enc.run_id == first["train"]["mlflow_run_id"] == pretrain.info.run_id
     assert enc.tags["bertscale.corpus_manifest_sha256"] == first["corpus"]["manifest_sha256"]
     assert enc.tags["bertscale.tokenizer_fingerprint"] == vocabulary
     assert enc.tags["bertscale.pretrain_run_id"] == pretrain.info.run_id
@@ -88,4 +88,4 @@ def test_pipeline_runs_caches_and_reruns_downstream(overrides, prefect_harness):
     tuned = client.get_model_version("debug-authors", "1")
     assert tuned.tags["bertscale.tokenizer_fingerprint"] == vocabulary
     assert tuned.tags["bertscale.pretrain_run_id"] == pretrain.info.run_id
-    assert client.get_model_version_by_alias("debug-authors", "challenger").version == "2"
+    assert str(client.get_model_version_by_alias("debug-authors", "challenger").version) == "2"
