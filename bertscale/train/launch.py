@@ -132,6 +132,9 @@ def build_command(spec: LaunchSpec, config_file: Path, data: str | Path | None =
     return srun_command(spec, rank), env
 
 
+STALE_RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")
+
+
 def write_config(cfg: PipelineConfig) -> Path:
     """The resolved config every rank reads (overrides already applied)."""
     out = cfg.stage_dir("train")
@@ -154,7 +157,12 @@ def launch(cfg: PipelineConfig, spec: LaunchSpec, config_path: str | Path | None
              config_path or "defaults", " ".join(overrides or []), shlex.join(cmd))
     # Its own process group, so a signal reaches every rank directly: the DeepSpeed runner itself dies on
     # SIGTERM without passing it on.
-    proc = subprocess.Popen(cmd, env={**os.environ, **extra_env}, start_new_session=True)
+    base = dict(os.environ)
+    if spec.launcher == "srun":
+        # Ranks read RANK/WORLD_SIZE before SLURM's ids: stale ones from this shell would make every task rank 0.
+        for name in STALE_RANK_VARS:
+            base.pop(name, None)
+    proc = subprocess.Popen(cmd, env={**base, **extra_env}, start_new_session=True)
     signalled: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:

@@ -84,7 +84,13 @@ def test_deploy_and_run_through_a_process_worker(prefect_server, tmp_path, sampl
         "  filters:\n    min_chars: 100\n    min_words: 15\n"
     )
     _prefect(env, "work-pool", "create", "local", "--type", "process")
-    _prefect(env, "--no-prompt", "deploy", "--prefect-file", "deploy/prefect.yaml", "--name", "corpus")
+    # The README's single-machine command: every deployment on the local pool, by name.
+    local = ["demo", "corpus", "tokenizer", "pretraining-data", "pretrain", "finetune"]
+    _prefect(env, "--no-prompt", "deploy", "--prefect-file", "deploy/prefect.yaml",
+             *(arg for name in local for arg in ("--name", name)))
+    listed = _prefect({**env, "COLUMNS": "300"}, "deployment", "ls")  # wide enough that no name is cut
+    for name in local:
+        assert name in listed, listed
 
     worker_log = open(tmp_path / "worker.log", "w")
     procs.append(subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "local"],

@@ -67,3 +67,20 @@ def test_slurm_master_port_follows_the_job_id_unless_given(cfg):
     assert "export MASTER_PORT=31000" in fixed
     with pytest.raises(ConfigError, match="master port 80"):
         submit(cfg, "slurm", JobSpec(master_port=80), dry_run=True)
+
+
+def test_slurm_tasks_get_their_rank_from_slurm_not_the_submitting_shell(cfg, tmp_path):
+    script = submit(cfg, "slurm", JobSpec(), dry_run=True)["script"]
+    # Stand-ins for scontrol and srun: srun records the environment its tasks would start with.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho node0\n")
+    (bin_dir / "srun").write_text(f"#!/bin/sh\nenv > {tmp_path / 'task-env'}\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    stale = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "node0", **stale}
+    subprocess.run(["bash", script], env=env, check=True, capture_output=True, cwd=tmp_path)
+    task_env = dict(line.split("=", 1) for line in (tmp_path / "task-env").read_text().splitlines() if "=" in line)
+    assert not set(stale) & set(task_env)
+    assert task_env["MASTER_ADDR"] == "node0" and task_env["MASTER_PORT"] == "20007"
