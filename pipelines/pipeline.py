@@ -153,7 +153,7 @@ def print_where_to_look(cfg: PipelineConfig, results: dict[str, dict]) -> None:
               f"--checkpoint models:/{encoder['name']}@champion")
     finetune = results.get("finetune")
     if finetune:
-        print("\nGLUE results (dev):")
+        print("\nFine-tuning results (dev):")
         print(finetune.get("table", ""))
         for name, version in (finetune.get("registered") or {}).items():
             print(f"  registered model: models:/{name}/{version}")
