@@ -225,6 +225,11 @@ class TrainConfig(Section):
     peak_tflops: float | None = Field(None, gt=0, description="Peak TFLOP/s per device for MFU; None = per-device default.")
     seed: int = Field(42, description="Seed of init, masking and data order.")
     num_procs: int = Field(1, ge=1, description="Processes per node for `bertscale pretrain` (DeepSpeed launcher).")
+    init_from: str | None = Field(
+        None, description="Start a new run from these weights (continual pretraining): an HF-format BERT dir, a "
+        "DeepSpeed checkpoint dir or models:/name@alias; the optimizer and schedule start fresh. Ignored when "
+        "the run resumes from its own checkpoints."
+    )
     resume: bool = Field(True, description="Resume from the latest checkpoint in `output` if there is one; "
                          "false: start at step 0, moving existing checkpoints to checkpoints/previous-<time>/.")
     collective_timeout_s: float = Field(

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -619,7 +620,10 @@ def pretrain(cfg: PipelineConfig, data: str | Path | None = None, tokenizer: str
     ckpt = CheckpointManager(out / "checkpoints", cfg.train.keep_checkpoints, env)
     tag, universal = plan_resume(cfg, env, ckpt)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    engine = initialize(BertForPreTraining(model_cfg), cfg, env, load_universal=universal is not None)
+    model = BertForPreTraining(model_cfg)
+    if tag is None and universal is None and cfg.train.init_from:
+        model = initial_weights(cfg, env, model_cfg, out)
+    engine = initialize(model, cfg, env, load_universal=universal is not None)
     torch.manual_seed(cfg.train.seed + 1 + env.rank)  # per-rank dropout streams (restored on resume)
     trainer = Trainer(cfg, env, engine, phases, tok, model_cfg, out, addresses, ckpt)
     with peer_failure(trainer, "resume"):
@@ -629,6 +633,33 @@ def pretrain(cfg: PipelineConfig, data: str | Path | None = None, tokenizer: str
         with tracking.stage_run(cfg, "pretrain", run_id=run_id):
             return _train(trainer, tok_dir)
     return _train(trainer, tok_dir)
+
+
+def initial_weights(cfg: PipelineConfig, env: DistEnv, model_cfg: Any, out: Path) -> torch.nn.Module:
+    """The model loaded from `train.init_from`. Rank 0 resolves it (a registry download or a ZeRO export) into
+    `<out>/init`, which the other ranks then read: the output dir is shared by all nodes."""
+    from bertscale.finetune.suite import resolve_checkpoint  # the same references fine-tuning accepts
+    from bertscale.model import BertForPreTraining
+    from bertscale.model.hf import load_pretrained
+
+    ref, staged = cfg.train.init_from, out / "init"
+    found: tuple[str | None, str | None] = (None, None)
+    if env.is_main:
+        if staged.exists():
+            shutil.rmtree(staged)
+        try:
+            found = (str(resolve_checkpoint(ref, staged, cfg)), None)
+        except BertscaleError as e:  # every rank raises it, none is left waiting for rank 0
+            found = (None, f"train.init_from={ref}: {e}")
+    source, error = distributed.broadcast_object(found)
+    if error:
+        raise ConfigError(error)
+    source = Path(source)
+    # Our model config, not the checkpoint's: a checkpoint of another size or vocabulary is a clear error here.
+    model, report = load_pretrained(source, BertForPreTraining, config=model_cfg)
+    if env.is_main:
+        log.info("initialised from %s (%s): %s", ref, source, report.summary())
+    return model
 
 
 def plan_resume(cfg: PipelineConfig, env: DistEnv, ckpt: CheckpointManager) -> tuple[str | None, Path | None]:

@@ -308,6 +308,27 @@ def test_a_fresh_run_sets_old_checkpoints_aside_and_a_changed_stage_is_refused(w
     assert (archive / "step00000004").is_dir()
 
 
+def test_init_from_starts_a_new_run_from_earlier_weights(workdir, tmp_path, clean_env):
+    from safetensors.torch import load_file
+
+    from bertscale.errors import ConfigError
+    from bertscale.train import pretrain
+
+    first = pretrain(config(workdir, tmp_path / "first", "train.max_steps=3", "train.eval_every=3",
+                            "train.zero_stage=0"))
+    # A learning rate too small to move the weights: the second run's export is its initial weights.
+    still = ["train.max_steps=1", "train.eval_every=1", "train.zero_stage=0", "train.lr=1e-12",
+             "train.warmup_steps=0", "train.seed=7"]
+    warm = pretrain(config(workdir, tmp_path / "warm", f"train.init_from={first.hf_dir}", *still))
+    cold = pretrain(config(workdir, tmp_path / "cold", *still))
+    before = load_file(Path(first.hf_dir) / "model.safetensors")
+    key = "bert.encoder.layer.0.attention.self.query.weight"
+    assert torch.allclose(load_file(Path(warm.hf_dir) / "model.safetensors")[key], before[key], atol=1e-6)
+    assert not torch.allclose(load_file(Path(cold.hf_dir) / "model.safetensors")[key], before[key], atol=1e-3)
+    with pytest.raises(ConfigError, match="train.init_from=.*does not exist"):
+        pretrain(config(workdir, tmp_path / "bad", f"train.init_from={tmp_path / 'nowhere'}", *still))
+
+
 def test_rank0_logs_metrics_into_the_mlflow_run_named_by_the_env(workdir, tmp_path, clean_env, monkeypatch):
     from bertscale import tracking
     from bertscale.train import pretrain
