@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import bertscale
-from bertscale.config import PipelineConfig, dump_config
+from bertscale.config import PipelineConfig, dump_config, is_uri
 
 MARKER = "_COMPLETE.json"
 PACKAGE_DIR = Path(bertscale.__file__).resolve().parent
@@ -106,7 +106,7 @@ def task_inputs_fingerprint(cfg: PipelineConfig) -> str:
     """`input_fingerprint` of the fine-tuning task files (sizes and times, as for the raw corpus), with absent
     paths named, so that adding, editing or removing a task file re-runs the fine-tuning stage."""
     paths = task_inputs(cfg)
-    present = [p for p in paths if "://" in p or Path(p).exists()]
+    present = [p for p in paths if is_uri(p) or Path(p).exists()]
     return _sha256({"files": input_fingerprint(present) if present else None,
                     "absent": [p for p in paths if p not in present]})
 

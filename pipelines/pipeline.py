@@ -103,7 +103,7 @@ def run_pipeline(cfg: PipelineConfig, until: str = "finetune") -> dict[str, dict
                           parent, extra)
             results["tokenizer"] = tok
             # Two different hashes, two names: the vocabulary's content hash, and the stage output's fingerprint.
-            tags = {**tags, "bertscale.tokenizer_fingerprint": _vocabulary_hash(tok["output_dir"]),
+            tags = {**tags, "bertscale.tokenizer_fingerprint": tok["vocab_fingerprint"],
                     "bertscale.tokenizer_stage_fingerprint": tok["fingerprint"]}
         if "data" in wanted:
             data = _submit(cfg, "data", [corpus["fingerprint"], tok["fingerprint"]],
@@ -125,12 +125,6 @@ def run_pipeline(cfg: PipelineConfig, until: str = "finetune") -> dict[str, dict
         tracking.set_tags({f"bertscale.{k}.reused": str(v.get("reused")) for k, v in results.items()})
     _report(cfg, results)
     return results
-
-
-def _vocabulary_hash(tokenizer_dir: str) -> str:
-    from bertscale.tokenizer import load_tokenizer, tokenizer_fingerprint
-
-    return tokenizer_fingerprint(load_tokenizer(tokenizer_dir))
 
 
 def _report(cfg: PipelineConfig, results: dict[str, dict]) -> None:

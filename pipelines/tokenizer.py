@@ -23,7 +23,9 @@ def tokenizer_tracked(cfg: PipelineConfig, corpus: str | None = None, tags: dict
         tracking.set_tags({"bertscale.tokenizer_fingerprint": result.fingerprint})
     runtime.markdown("tokenizer-summary", runtime.counts_markdown(
         "Tokenizer", {"vocab_size": result.vocab_size, "fingerprint": result.fingerprint[:16], **result.stats}))
+    # `vocab_fingerprint` too: in the pipeline, `fingerprint` is replaced by the stage output's fingerprint.
     return {"output_dir": str(result.output_dir), "fingerprint": result.fingerprint,
+            "vocab_fingerprint": result.fingerprint,
             "vocab_size": result.vocab_size, "stats": result.stats, "mlflow_run_id": run_id}
 
 

@@ -292,7 +292,6 @@ def beam_options(runner: RunnerConfig):
     """Pipeline options: the local DirectRunner in multi-processing mode (never Prism), or any runner's flags."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    validate_runner(runner)
     args = [f"--runner={runner.runner}"]
     if runner.runner in ("DirectRunner", "direct"):
         workers = runner.num_workers or os.cpu_count() or 1

@@ -32,6 +32,8 @@ from bertscale.errors import BertscaleError
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MASTER_PORT = 29500  # torch's and DeepSpeed's default rendezvous port
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -42,7 +44,7 @@ class DistEnv:
     local_rank: int = 0
     local_world_size: int = 1
     master_addr: str = "127.0.0.1"
-    master_port: int = 29500
+    master_port: int = DEFAULT_MASTER_PORT
     source: str = "single"  # which launcher's variables were found: torch, slurm or single
 
     @property
@@ -74,12 +76,13 @@ def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     if "RANK" in env and "WORLD_SIZE" in env:
         world = int(env["WORLD_SIZE"])
         return DistEnv(int(env["RANK"]), world, int(env.get("LOCAL_RANK", 0)),
-                       int(env.get("LOCAL_WORLD_SIZE", world)), addr, int(env.get("MASTER_PORT", 29500)), "torch")
+                       int(env.get("LOCAL_WORLD_SIZE", world)), addr,
+                       int(env.get("MASTER_PORT", DEFAULT_MASTER_PORT)), "torch")
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         world = int(env["SLURM_NTASKS"])
         per_node = int(env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0] or world)
         return DistEnv(int(env["SLURM_PROCID"]), world, int(env.get("SLURM_LOCALID", 0)), per_node, addr,
-                       int(env.get("MASTER_PORT", 29500)), "slurm")
+                       int(env.get("MASTER_PORT", DEFAULT_MASTER_PORT)), "slurm")
     port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else free_port()
     return DistEnv(master_addr=addr, master_port=port)
 

@@ -620,9 +620,8 @@ def pretrain(cfg: PipelineConfig, data: str | Path | None = None, tokenizer: str
     ckpt = CheckpointManager(out / "checkpoints", cfg.train.keep_checkpoints, env)
     tag, universal = plan_resume(cfg, env, ckpt)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model = BertForPreTraining(model_cfg)
-    if tag is None and universal is None and cfg.train.init_from:
-        model = initial_weights(cfg, env, model_cfg, out)
+    warm_start = tag is None and universal is None and cfg.train.init_from
+    model = initial_weights(cfg, env, model_cfg, out) if warm_start else BertForPreTraining(model_cfg)
     engine = initialize(model, cfg, env, load_universal=universal is not None)
     torch.manual_seed(cfg.train.seed + 1 + env.rank)  # per-rank dropout streams (restored on resume)
     trainer = Trainer(cfg, env, engine, phases, tok, model_cfg, out, addresses, ckpt)

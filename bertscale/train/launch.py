@@ -30,7 +30,7 @@ import yaml
 
 from bertscale.config import PipelineConfig, dump_config
 from bertscale.errors import ConfigError
-from bertscale.train.distributed import free_port
+from bertscale.train.distributed import DEFAULT_MASTER_PORT, free_port
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,6 @@ class LaunchSpec:
             raise ConfigError(f"node_rank={self.node_rank} is not in [0, nnodes={self.nnodes})")
         if self.hostfile and not Path(self.hostfile).is_file():
             raise ConfigError(f"hostfile {self.hostfile} does not exist")
-
-
-DEFAULT_MASTER_PORT = 29500
 
 
 def rank_args(config_file: Path, data: str | Path | None, tokenizer: str | Path | None) -> list[str]:
