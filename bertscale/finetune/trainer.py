@@ -8,6 +8,7 @@ The optimizer step can instead go through a DeepSpeed engine (`zero_stage`), bui
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -221,6 +222,9 @@ class PlainStepper:
     def lr(self) -> float:
         return self.sched.get_last_lr()[0]
 
+    def close(self) -> None:
+        """Nothing outside the model to release."""
+
 
 class DeepSpeedStepper:
     """The same step through a DeepSpeed engine (ZeRO 0-2), built by the pretraining engine's `initialize` from
@@ -236,13 +240,18 @@ class DeepSpeedStepper:
         if env.world_size != 1:
             raise ConfigError(f"fine-tuning with finetune.zero_stage runs in one process, not {env.world_size} "
                               "ranks: start it without a distributed launcher")
-        distributed.init(env)
-        cfg = PipelineConfig.model_validate({"train": {
-            "zero_stage": zero_stage, "precision": precision, "optimizer": "adamw", "lr": hp.lr,
-            "weight_decay": hp.weight_decay, "eps": 1e-6, "warmup_steps": int(hp.warmup_ratio * total),
-            "decay": "linear", "micro_batch_size": hp.batch_size, "grad_accum": 1, "max_steps": total,
-            "grad_clip": 1.0}})
-        self.engine = initialize(model, cfg, env)
+        # `close` releases the engine, then the process group it joined (see `distributed.process_group`); a
+        # failure half-way releases what was already started.
+        with contextlib.ExitStack() as started:
+            started.enter_context(distributed.process_group(env))
+            cfg = PipelineConfig.model_validate({"train": {
+                "zero_stage": zero_stage, "precision": precision, "optimizer": "adamw", "lr": hp.lr,
+                "weight_decay": hp.weight_decay, "eps": 1e-6, "warmup_steps": int(hp.warmup_ratio * total),
+                "decay": "linear", "micro_batch_size": hp.batch_size, "grad_accum": 1, "max_steps": total,
+                "grad_clip": 1.0}})
+            self.engine = initialize(model, cfg, env)
+            started.callback(self.engine.destroy)
+            self._teardown = started.pop_all()
 
     def __call__(self, **batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.engine(**batch)
@@ -254,6 +263,9 @@ class DeepSpeedStepper:
 
     def lr(self) -> float:
         return self.engine.get_lr()[0]
+
+    def close(self) -> None:
+        self._teardown.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -350,6 +362,17 @@ def train(model: nn.Module, task: TaskSpec, train_data: Encoded, evals: Sequence
     total = max(1, math.ceil(per_epoch * hp.epochs))
     stepper = (PlainStepper(model, hp, total) if zero_stage is None
                else DeepSpeedStepper(model, hp, total, zero_stage, precision))
+    try:
+        return _train_epochs(model, stepper, task, train_data, evals, hp, seed, pad_id, precision, group_by_length,
+                             on_epoch, total, per_epoch)
+    finally:
+        stepper.close()
+
+
+def _train_epochs(model: nn.Module, stepper: PlainStepper | DeepSpeedStepper, task: TaskSpec, train_data: Encoded,
+                  evals: Sequence[Encoded], hp: Hparams, seed: int, pad_id: int, precision: str,
+                  group_by_length: bool, on_epoch: Callable[[EpochRecord], None] | None, total: int,
+                  per_epoch: int) -> LoopState:
     state = LoopState()
     regression = task.kind == "regression"
     for epoch in range(1, math.ceil(total / per_epoch) + 1):

@@ -20,6 +20,7 @@ import os
 import re
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -87,6 +88,10 @@ def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     return DistEnv(master_addr=addr, master_port=port)
 
 
+# The launcher variables `init` exports; `process_group` puts back what was there before.
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def init(env: DistEnv, timeout_s: float = 1800.0) -> bool:
     """Join (or start) the process group; returns True if this call created it.
 
@@ -103,11 +108,77 @@ def init(env: DistEnv, timeout_s: float = 1800.0) -> bool:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(env.device())
-    dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}", rank=env.rank,
+    dist.init_process_group(backend, store=_rendezvous_store(env, timeout_s), rank=env.rank,
                             world_size=env.world_size, timeout=timedelta(seconds=timeout_s))
     log.debug("rank %d/%d joined a %s group at %s:%d", env.rank, env.world_size, backend, env.master_addr,
               env.master_port)
     return True
+
+
+_groups_created = 0  # groups this process has created: each rendezvous gets keys of its own
+
+
+def _rendezvous_store(env: DistEnv, timeout_s: float) -> dist.Store:
+    """The TCP store the ranks meet in, under a prefix unique to this group.
+
+    A process may create a group, destroy it and create another (`pretrain()` called twice in one job). Under
+    torchrun the store is the agent's and outlives our groups, and rank 0's own store server is shared by every
+    group on its port (multi-tenant): without a fresh prefix the second rendezvous reads the first one's keys
+    and waits forever. Every rank creates the same number of groups, so the prefixes agree.
+    """
+    global _groups_created
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent hosts the server
+    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=env.rank == 0 and not agent,
+                          timeout=timedelta(seconds=timeout_s), multi_tenant=True)
+    _groups_created += 1
+    return dist.PrefixStore(f"bertscale/group{_groups_created}", store)
+
+
+def shutdown() -> None:
+    """Destroy every process group of this process, while the interpreter is still whole.
+
+    Gloo's worker threads hold finished work (and its tensors); a group left for interpreter exit is torn down
+    after Python's finalisation has begun, and its C++ threads can then be destroyed while still joinable:
+    "terminate called without an active exception", SIGABRT, a failed job after a complete run. Purely local for
+    gloo (no collective), so it cannot wait on a peer that has already left.
+    """
+    if not dist.is_initialized():
+        return
+    # DeepSpeed keeps the groups it derived from ours (world, data-parallel) in module globals; its own destroy
+    # drops them with ours, or the next engine in this process would use destroyed groups.
+    ds_comm = sys.modules.get("deepspeed.comm")
+    if ds_comm is not None and ds_comm.is_initialized():
+        ds_comm.destroy_process_group()
+    else:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(env: DistEnv, timeout_s: float = 1800.0) -> Iterator[bool]:
+    """The block runs inside the job's process group; afterwards the process is as it was found.
+
+    Yields whether this call created the group. A group it created is destroyed at the end: on success, on a
+    `BertscaleError` (a user error every rank reports) and always in a single process. It is left alone after a
+    lost peer or a bug on one of several ranks: destroying a group whose peer is gone can block, and those
+    paths end the process with `os._exit`. The launcher variables `init` exported are restored either way.
+    """
+    saved = {key: os.environ.get(key) for key in LAUNCH_VARS}
+    created = init(env, timeout_s)
+    clean = False
+    try:
+        yield created
+        clean = True
+    except BertscaleError as e:
+        clean = not isinstance(e, PeerLostError)
+        raise
+    finally:
+        if created and (clean or env.world_size == 1):
+            shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def all_reduce(values: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -245,8 +316,6 @@ class Watchdog:
     The loop calls `beat(where)` at every step and around checkpoints; `stop()` ends the thread."""
 
     def __init__(self, timeout_s: float, resume_hint: Callable[[], str], factor: float = 2.0) -> None:
-        import threading
-
         self.limit = timeout_s * factor
         self.timeout_s = timeout_s
         self.resume_hint = resume_hint
@@ -263,7 +332,10 @@ class Watchdog:
         self.where, self.last = where, time.monotonic()
 
     def stop(self) -> None:
+        """End the thread and wait for it (at most one polling interval)."""
         self._stopped.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
 
     def _watch(self) -> None:
         while not self._stopped.wait(min(self.limit / 10, 5.0)):

@@ -605,33 +605,39 @@ def pretrain(cfg: PipelineConfig, data: str | Path | None = None, tokenizer: str
     from bertscale.tokenizer import load_tokenizer
 
     env = distributed.read_env()
-    distributed.init(env, cfg.train.collective_timeout_s)
-    _quiet_other_ranks(env)
-    data_dir = Path(data) if data else cfg.stage_dir("data")
-    tok_dir = Path(tokenizer) if tokenizer else cfg.stage_dir("tokenizer")
-    out = cfg.stage_dir("train")
-    out.mkdir(parents=True, exist_ok=True)
-    tok = load_tokenizer(tok_dir)
-    model_cfg = config_from_pipeline(cfg, tok.get_vocab_size(with_added_tokens=True))
-    phases = load_phases(cfg, data_dir, tok, env, model_cfg.max_position_embeddings)
-    addresses = distributed.gather_addresses(env) if env.world_size > 1 else [env.master_addr]
-    if env.is_main and env.world_size > 1:
-        log.info("%d ranks: %s", env.world_size, ", ".join(f"rank {r} at {a}" for r, a in enumerate(addresses)))
-    ckpt = CheckpointManager(out / "checkpoints", cfg.train.keep_checkpoints, env)
-    tag, universal = plan_resume(cfg, env, ckpt)
-    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    warm_start = tag is None and universal is None and cfg.train.init_from
-    model = initial_weights(cfg, env, model_cfg, out) if warm_start else BertForPreTraining(model_cfg)
-    engine = initialize(model, cfg, env, load_universal=universal is not None)
-    torch.manual_seed(cfg.train.seed + 1 + env.rank)  # per-rank dropout streams (restored on resume)
-    trainer = Trainer(cfg, env, engine, phases, tok, model_cfg, out, addresses, ckpt)
-    with peer_failure(trainer, "resume"):
-        trainer.resume(tag, universal)
-    run_id = os.environ.get("BERTSCALE_MLFLOW_RUN_ID") if env.is_main and cfg.tracking.enabled else None
-    if run_id:
-        with tracking.stage_run(cfg, "pretrain", run_id=run_id):
+    # Every rank tears down what it started, in reverse order, on success and on a handled error: the DeepSpeed
+    # engine (its hooks and buffers), then the process group, then the launcher variables (see
+    # `distributed.process_group`). The watchdog and the signal handlers end with the loop, in `_train`.
+    with distributed.process_group(env, cfg.train.collective_timeout_s):
+        _quiet_other_ranks(env)
+        data_dir = Path(data) if data else cfg.stage_dir("data")
+        tok_dir = Path(tokenizer) if tokenizer else cfg.stage_dir("tokenizer")
+        out = cfg.stage_dir("train")
+        out.mkdir(parents=True, exist_ok=True)
+        tok = load_tokenizer(tok_dir)
+        model_cfg = config_from_pipeline(cfg, tok.get_vocab_size(with_added_tokens=True))
+        phases = load_phases(cfg, data_dir, tok, env, model_cfg.max_position_embeddings)
+        addresses = distributed.gather_addresses(env) if env.world_size > 1 else [env.master_addr]
+        if env.is_main and env.world_size > 1:
+            log.info("%d ranks: %s", env.world_size, ", ".join(f"rank {r} at {a}" for r, a in enumerate(addresses)))
+        ckpt = CheckpointManager(out / "checkpoints", cfg.train.keep_checkpoints, env)
+        tag, universal = plan_resume(cfg, env, ckpt)
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        warm_start = tag is None and universal is None and cfg.train.init_from
+        model = initial_weights(cfg, env, model_cfg, out) if warm_start else BertForPreTraining(model_cfg)
+        engine = initialize(model, cfg, env, load_universal=universal is not None)
+        try:
+            torch.manual_seed(cfg.train.seed + 1 + env.rank)  # per-rank dropout streams (restored on resume)
+            trainer = Trainer(cfg, env, engine, phases, tok, model_cfg, out, addresses, ckpt)
+            with peer_failure(trainer, "resume"):
+                trainer.resume(tag, universal)
+            run_id = os.environ.get("BERTSCALE_MLFLOW_RUN_ID") if env.is_main and cfg.tracking.enabled else None
+            if run_id:
+                with tracking.stage_run(cfg, "pretrain", run_id=run_id):
+                    return _train(trainer, tok_dir)
             return _train(trainer, tok_dir)
-    return _train(trainer, tok_dir)
+        finally:
+            engine.destroy()
 
 
 def initial_weights(cfg: PipelineConfig, env: DistEnv, model_cfg: Any, out: Path) -> torch.nn.Module:

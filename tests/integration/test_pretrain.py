@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -254,9 +255,11 @@ def test_nonfinite_losses_are_skipped_then_abort(workdir, tmp_path, clean_env, m
         return out
 
     monkeypatch.setattr(engine, "forward", flaky_forward)
+    threads = set(threading.enumerate())
     result = pretrain(config(workdir, tmp_path / "nan", "train.max_steps=5", "train.max_bad_steps=3",
                              "train.zero_stage=1"))
     assert result.final_step == 5 and result.skipped_steps == 2
+    assert_left_as_found(threads)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps(tmp_path / "nan").values())
 
     def always_nan(eng, batch):
@@ -267,6 +270,16 @@ def test_nonfinite_losses_are_skipped_then_abort(workdir, tmp_path, clean_env, m
     monkeypatch.setattr(engine, "forward", always_nan)
     with pytest.raises(BertscaleError, match="3 consecutive non-finite losses"):
         pretrain(config(workdir, tmp_path / "diverged", "train.max_steps=5", "train.max_bad_steps=3"))
+    assert_left_as_found(threads)
+
+
+def assert_left_as_found(threads_before: set[threading.Thread]) -> None:
+    """No process group, no launcher variable and no non-daemon thread survives an in-process run."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    assert not [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT") if k in os.environ]
+    assert not [t.name for t in threading.enumerate() if t not in threads_before and not t.daemon]
 
 
 def test_sigterm_checkpoints_and_stops(workdir, tmp_path, clean_env, monkeypatch):
