@@ -57,19 +57,27 @@ def _add_corpus(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="*", help="Input paths, directories, globs or URIs (config: corpus.inputs).")
     p.add_argument("-o", "--output", help="Output directory (config: corpus.output).")
     p.add_argument("--format", choices=["auto", "txt", "jsonl", "parquet", "wikiextractor"])
-    p.add_argument("--runner", help="Beam runner, e.g. DirectRunner, DataflowRunner, FlinkRunner, SparkRunner.")
+    p.add_argument("--runner", help="Beam runner, e.g. DirectRunner, DaskRunner, DataflowRunner, FlinkRunner, "
+                   "SparkRunner.")
     p.add_argument("--num-workers", type=int, help="Local worker processes (default: number of cores).")
     p.add_argument(
         "--pipeline-option", action="append", dest="pipeline_options", metavar="OPT",
         help="Extra Beam pipeline option, e.g. --pipeline-option=--project=my-project (repeatable).",
     )
+    p.add_argument("--setup-file", help="setup.py remote workers install bertscale from (default: this source "
+                   "tree's, for remote runners).")
+    p.add_argument("--requirements-file", help="requirements.txt remote workers install.")
+    p.add_argument("--sdk-container-image", help="Worker image with bertscale installed (deploy/Dockerfile, "
+                   "target beam-worker).")
     p.set_defaults(func=_run_corpus)
 
 
 def _run_corpus(args: argparse.Namespace) -> int:
     from bertscale.corpus import run_corpus
 
-    runner = _section(runner=args.runner, num_workers=args.num_workers, pipeline_options=args.pipeline_options)
+    runner = _section(runner=args.runner, num_workers=args.num_workers, pipeline_options=args.pipeline_options,
+                      setup_file=args.setup_file, requirements_file=args.requirements_file,
+                      sdk_container_image=args.sdk_container_image)
     corpus = _section(inputs=args.inputs or None, output=args.output, format=args.format)
     if runner:
         corpus["runner"] = runner

@@ -69,6 +69,11 @@ class DedupConfig(Section):
     num_perm: int = Field(128, ge=8, le=1024, description="MinHash permutations.")
     shingle_size: int = Field(5, ge=1, le=32, description="Word n-gram size of the shingles.")
     seed: int = Field(1, description="Seed of the MinHash permutations.")
+    cluster_rounds: int = Field(
+        2, ge=0, le=32,
+        description="Min-label propagation rounds run as Beam shuffles; edges still unresolved after them are "
+        "finished by one union-find (reported as near_dedup.unconverged_edges in the manifest).",
+    )
 
 
 class RunnerConfig(Section):
@@ -79,6 +84,14 @@ class RunnerConfig(Section):
     num_workers: int | None = Field(None, ge=1, description="Local worker processes; None = number of cores.")
     pipeline_options: list[str] = Field(
         default_factory=list, description="Extra Beam pipeline options, e.g. ['--project=p', '--region=r']."
+    )
+    setup_file: str | None = Field(
+        "auto", description="setup.py that remote workers install bertscale from; auto = this source tree's when "
+        "a remote runner gets no requirements file, container image or --setup_file; None = never."
+    )
+    requirements_file: str | None = Field(None, description="requirements.txt remote workers install.")
+    sdk_container_image: str | None = Field(
+        None, description="Worker image with bertscale installed (deploy/Dockerfile, target beam-worker)."
     )
 
 
@@ -156,6 +169,10 @@ class DataConfig(Section):
     whole_word_mask: bool = Field(False, description="Mask all WordPieces of a word together.")
     max_unk_fraction: float | None = Field(
         0.5, ge=0, le=1, description="Skip documents with more [UNK] tokens than this fraction; None keeps all."
+    )
+    nsp_pool_documents: int = Field(
+        20000, ge=2, description="Documents sampled across all corpus shards as the source of random NSP B "
+        "segments (per split); bounds the stage's memory instead of the corpus size."
     )
 
     @model_validator(mode="after")

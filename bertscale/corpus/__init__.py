@@ -1,7 +1,7 @@
 """The corpus stage: raw text in many formats -> cleaned, filtered, deduplicated, sentence-split parquet shards.
 
 `run_corpus(cfg)` runs it as an Apache Beam pipeline (local multi-processing by default; Dataflow, Flink or Spark
-through `corpus.runner`); `run_plain(cfg)` runs the same functions in one process. Both write
+through `corpus.runner`); `run_plain(cfg)` runs the same graph on Beam's in-process runner. Both write
 `<output>/shards/part-NNNNN.parquet`, `manifest.json` and `quarantine.jsonl`.
 """
 

@@ -64,8 +64,14 @@ _CONTROL = re.compile(
 )
 
 
+# Either class in one pattern: one scan settles the common case of a text that has none of them.
+_NEWLINE_OR_CONTROL = re.compile(_NEWLINES.pattern[:-1] + _CONTROL.pattern[1:])
+
+
 def remove_control_chars(text: str) -> str:
     """Unify line breaks to \\n and drop control and invisible formatting characters."""
+    if _NEWLINE_OR_CONTROL.search(text) is None:
+        return text
     if "\r\n" in text:
         text = text.replace("\r\n", "\n")
     return _CONTROL.sub("", _NEWLINES.sub("\n", text))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import filterfalse
 from typing import Protocol
 
 from bertscale.config import FilterConfig
@@ -35,10 +36,13 @@ class DocView:
         self.text = text
 
     @cached_property
+    def unspaced(self) -> bool:
+        """Whether the text has characters of scripts written without spaces (checked once, in C)."""
+        return not self.text.isascii() and _UNSPACED.search(self.text) is not None
+
+    @cached_property
     def words(self) -> list[str]:
-        if self.text.isascii() or not _UNSPACED.search(self.text):
-            return self.text.split()
-        return _WORD.findall(self.text)
+        return _WORD.findall(self.text) if self.unspaced else self.text.split()
 
     @cached_property
     def lines(self) -> list[str]:
@@ -52,6 +56,8 @@ class DocView:
     def mean_word_length(self) -> float | None:
         """Over space-delimited words only; None (the length rules pass) when most words are unspaced-script
         characters, for which the Gopher word-length bounds mean nothing."""
+        if not self.unspaced:  # the common case: every word is spaced, so sum the lengths in C
+            return sum(map(len, self.words)) / len(self.words) if self.words else 0.0
         spaced = [w for w in self.words if not _UNSPACED.match(w)]
         if not self.words or len(spaced) * 2 < len(self.words):
             return None if self.words else 0.0
@@ -112,8 +118,9 @@ class MinAlphaRatio:
     def keep(self, doc: DocView) -> bool:
         if not doc.words:
             return False
-        # str.isalpha settles most words in C; only words with digits or punctuation need the regex.
-        non_alpha = sum(1 for w in doc.words if not w.isalpha() and not _HAS_LETTER.search(w))
+        # str.isalpha settles most words in C (filterfalse skips them without a Python-level step); only words
+        # with digits or punctuation need the regex.
+        non_alpha = sum(1 for w in filterfalse(str.isalpha, doc.words) if not _HAS_LETTER.search(w))
         return 1 - non_alpha / len(doc.words) >= self.threshold
 
 

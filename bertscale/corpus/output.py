@@ -1,17 +1,20 @@
 """Corpus stage files: per-unit spill files written by workers, the final parquet shards, the manifest and the
 quarantine list.
 
-Every write goes through Beam's `FileSystems` (local paths and gs:// alike). Final shards are written with fixed
-pyarrow settings and no timestamps, in the canonical document order, and cut by accumulated text bytes, so the same
-input and config give byte-identical shards whatever the number of workers.
+Every write goes through Beam's `FileSystems` (local paths and gs:// alike). Final shards are written by the
+workers with fixed pyarrow settings and no timestamps, in the canonical document order, and placed by their
+offset in the kept text (`assign_shards`), so the same input and config give byte-identical shards whatever the
+number of workers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,7 +31,8 @@ SHARD_SCHEMA = pa.schema([
     ("source", pa.string()),
     ("metadata", pa.string()),
 ])
-SPILL_SCHEMA = SHARD_SCHEMA.append(pa.field("minhash", pa.binary()))
+SPILL_SCHEMA = SHARD_SCHEMA.append(pa.field("minhash", pa.binary())).append(pa.field("text_bytes", pa.int64()))
+_SPILL_INPUT = ("doc_id", "text", "sentences", "source", "metadata", "minhash")
 _SHARD_ROW_GROUP = 1000
 _SPILL_FLUSH_ROWS = 2000
 
@@ -86,7 +90,7 @@ def metadata_json(metadata: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Spill files: one per work unit, written by the worker, read back by the shard writer
+# Spill files: one per work unit, written by the worker that processed it, read by the shard writers
 # ------------------------------------------------------------------------------------------------------------
 class SpillWriter:
     """Streams a unit's kept documents into one parquet file, a few thousand rows per row group."""
@@ -95,11 +99,11 @@ class SpillWriter:
         self.path, self.rows = path, 0
         self._fh = FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED)
         self._writer = pq.ParquetWriter(self._fh, SPILL_SCHEMA, compression="lz4")
-        self._columns: dict[str, list] = {name: [] for name in SPILL_SCHEMA.names}
+        self._columns: dict[str, list] = {name: [] for name in _SPILL_INPUT}
 
     def add(self, doc_id: str, text: str, sentences: list[str], source: str, metadata: str,
             minhash: bytes | None) -> None:
-        for name, value in zip(SPILL_SCHEMA.names, (doc_id, text, sentences, source, metadata, minhash)):
+        for name, value in zip(_SPILL_INPUT, (doc_id, text, sentences, source, metadata, minhash)):
             self._columns[name].append(value)
         self.rows += 1
         if len(self._columns["doc_id"]) >= _SPILL_FLUSH_ROWS:
@@ -107,8 +111,11 @@ class SpillWriter:
 
     def _flush(self) -> None:
         if self._columns["doc_id"]:
-            self._writer.write_table(pa.table(self._columns, schema=SPILL_SCHEMA))
-            self._columns = {name: [] for name in SPILL_SCHEMA.names}
+            text = pa.array(self._columns.pop("text"), type=pa.string())
+            # UTF-8 text bytes per row, computed once in C so shard planning never reads the text column.
+            arrays = {**self._columns, "text": text, "text_bytes": pc.binary_length(text).cast(pa.int64())}
+            self._writer.write_table(pa.table(arrays, schema=SPILL_SCHEMA))
+            self._columns = {name: [] for name in _SPILL_INPUT}
 
     def close(self) -> None:
         self._flush()
@@ -116,9 +123,9 @@ class SpillWriter:
         self._fh.close()
 
 
-def read_spill(path: str, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+def read_spill(path: str, columns: list[str] | None = None) -> pa.Table:
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
-        yield from pq.ParquetFile(fh).iter_batches(batch_size=4096, columns=columns)
+        return pq.read_table(fh, columns=columns)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -138,8 +145,21 @@ def shard_name(index: int) -> str:
     return f"shards/part-{index:05d}.parquet"
 
 
-def _write_shard(out_dir: str, index: int, tables: list[pa.Table], text_bytes: int) -> ShardInfo:
-    """Serialize in memory (one shard is bounded by target_shard_bytes), hash, then write the bytes once."""
+def assign_shards(offset: int, sizes: np.ndarray, target_bytes: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(shard slot, row positions) of a unit's kept documents, given the kept text bytes of all earlier units.
+
+    Slot k holds the documents whose first byte lies in [k * target, (k + 1) * target) of the concatenated kept
+    text in document order. That needs only each unit's own sizes and one prefix sum over unit totals, so every
+    unit is placed independently and the result cannot depend on how the work was spread over workers.
+    """
+    starts = offset + np.cumsum(sizes) - sizes
+    slots = starts // target_bytes
+    for slot in np.unique(slots):
+        yield int(slot), np.flatnonzero(slots == slot)
+
+
+def write_shard(out_dir: str, index: int, tables: list[pa.Table]) -> ShardInfo:
+    """Serialize in memory (one shard is bounded by about target_shard_bytes), hash, then write the bytes once."""
     table = pa.concat_tables(tables).select(SHARD_SCHEMA.names) if tables else SHARD_SCHEMA.empty_table()
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd", compression_level=1, row_group_size=_SHARD_ROW_GROUP,
@@ -148,68 +168,8 @@ def _write_shard(out_dir: str, index: int, tables: list[pa.Table], text_bytes: i
     name = shard_name(index)
     write_bytes(join(out_dir, name), data)
     sentences = int(pc.sum(pc.list_value_length(table.column("sentences"))).as_py() or 0)
+    text_bytes = int(pc.sum(pc.binary_length(table.column("text"))).as_py() or 0)
     return ShardInfo(name, table.num_rows, len(data), hashlib.sha256(data).hexdigest(), text_bytes, sentences)
-
-
-@dataclass
-class ShardCutter:
-    """Accumulates kept rows in order and cuts a shard when its text reaches `target_bytes`."""
-
-    out_dir: str
-    target_bytes: int
-    shards: list[ShardInfo] = field(default_factory=list)
-    _tables: list[pa.Table] = field(default_factory=list)
-    _bytes: int = 0
-
-    def add(self, table: pa.Table) -> None:
-        while table.num_rows:
-            sizes = pc.binary_length(table.column("text")).to_numpy(zero_copy_only=False)
-            cumulative = sizes.cumsum() + self._bytes
-            full = int((cumulative < self.target_bytes).sum()) + 1  # rows until the shard reaches the target
-            take = min(full, table.num_rows)
-            self._tables.append(table.slice(0, take))
-            self._bytes = int(cumulative[take - 1])
-            table = table.slice(take)
-            if self._bytes >= self.target_bytes:
-                self.cut()
-
-    def cut(self) -> None:
-        if self._tables:
-            self.shards.append(_write_shard(self.out_dir, len(self.shards), self._tables, self._bytes))
-        self._tables, self._bytes = [], 0
-
-    def finish(self) -> list[ShardInfo]:
-        self.cut()
-        if not self.shards:  # an empty corpus still gets one (empty) shard so readers find the schema
-            self.shards.append(_write_shard(self.out_dir, 0, [], 0))
-        return self.shards
-
-
-def write_shards(spill_paths: Iterable[str], drop: set[str], out_dir: str, target_bytes: int,
-                 progress: bool = False, total: int | None = None) -> list[ShardInfo]:
-    """Stream the spill files in order, skip dropped ids, and cut shards by text bytes."""
-    cutter = ShardCutter(out_dir, target_bytes)
-    drop_array = pa.array(sorted(drop), type=pa.string())
-    bar = _progress_bar(progress, total)
-    for path in spill_paths:
-        for batch in read_spill(path, columns=SHARD_SCHEMA.names):
-            table = pa.Table.from_batches([batch])
-            if len(drop_array):
-                table = table.filter(pc.invert(pc.is_in(table.column("doc_id"), value_set=drop_array)))
-            cutter.add(table)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    return cutter.finish()
-
-
-def _progress_bar(enabled: bool, total: int | None):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="writing shards", unit="unit", leave=False)
 
 
 # ------------------------------------------------------------------------------------------------------------

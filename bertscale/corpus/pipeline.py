@@ -1,220 +1,111 @@
-"""The corpus stage: the Beam graph, its single-process twin, and `run_corpus`.
+"""The corpus stage as one Beam graph, and `run_corpus` / `run_plain` that launch it.
 
-Shape of the graph (only keys and document ids are shuffled; document text never crosses a shuffle):
+Everything that touches text runs in transforms; only small aggregates reach the launcher (`summary.json`: counts,
+shard names, sizes and checksums, input fingerprints), from which it writes `manifest.json`. Shape of the graph
+(document text never crosses a shuffle; documents travel as int references `unit << 32 | row`, see `units.py`):
 
-    work units --GroupByKey(spread)--> ProcessUnit --+--> exact keys  --GroupByKey(bucket)--> exact drops --> json
-      (byte ranges of the inputs)     read, clean,   +--> LSH bands   --GroupByKey(bucket)--> candidate pairs -> json
-                                      filter, split, |
-                                      hash; writes   +--> (spill parquet + counts/quarantine json per unit)
-    input files --GroupByKey(spread)--> sha256 fingerprints --> json
+    units -GBK-> Process: read, clean, filter, MinHash, split; spill parquet per unit; (keys, counts, quarantine)
+      exact keys -GBK(bucket)-> exact drops ------------------------------+
+      band keys  -GBK(bucket)-> candidate pairs -> signatures (read from  |
+                 spills, exact drops excluded) -> verified edges ->       |
+                 connected components -> near drops -------------------- +-> drops per unit -> kept rows + sizes
+      kept sizes -> prefix offsets (joined per unit) -> shard slot per doc -CoGBK(slot, rank)-> WriteShard
+      counts, drops, shard infos, fingerprints -GBK(one key)-> summary.json; quarantine -GBK-> quarantine.jsonl
 
-After the pipeline, `finalize` verifies near-duplicate candidates against their MinHash signatures, clusters them
-(union-find, smallest doc id kept), streams the spill files in document order into size-balanced shards, and
-writes the quarantine list and the manifest. It checks read = kept + filtered + duplicates + quarantined.
-`run_plain` runs the same per-unit work and the same resolution in one process: the reference for benchmarks and
-for tests that Beam's output equals it byte for byte.
+Near-duplicate clusters are connected components of the verified candidate graph, found by min-label
+propagation: every node starts with the smallest id among itself and its neighbours, and each round (one
+CoGroupByKey + CombinePerKey(min)) spreads labels one hop. LSH candidates of a band are all pairs (or a star
+on the smallest member for big bands), so near-duplicate clusters have a diameter of one or two and converge in
+a round or two; a graph's rounds must be fixed when it is built, so `dedup.cluster_rounds` rounds are unrolled
+and then checked: labels that still meet across an edge are merged by one union-find over those label pairs
+(in a worker; with converged rounds it is empty) and the count is reported as `near_dedup.unconverged_edges`.
+This uses only GroupByKey/CoGroupByKey/CombinePerKey (no state, timers or metrics), so it runs on any runner
+including Dask, and the result is exact whatever the number of rounds. Side inputs are avoided altogether: Beam's
+DaskRunner evaluates a side input by recomputing its whole lineage inside the consuming task, which here would
+re-run the corpus processing; small joins on a key do the same work once. Each cluster keeps its
+smallest reference: the first copy in document order.
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import logging
-import os
+import math
 import time
-from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 
-from bertscale.config import CorpusConfig, PipelineConfig, RunnerConfig, is_uri
-from bertscale.corpus.cleaning import clean_text
+from bertscale.config import CorpusConfig, PipelineConfig, is_uri
 from bertscale.corpus.dedup import (
-    MinHasher,
-    band_keys,
-    bucket_of,
-    candidate_pairs,
-    exact_duplicates,
-    exact_key,
-    lsh_params,
-    near_duplicates,
+    by_bucket,
+    candidates_in_bucket,
+    estimated_jaccard,
+    exact_drops_in_bucket,
+    initial_label,
+    label_conflicts,
+    merge_labels,
+    spread_label,
 )
-from bertscale.corpus.filters import RULE_NAMES, build_rules, first_failed_rule
+from bertscale.corpus.manifest import CorpusResult, build_manifest
 from bertscale.corpus.output import (
-    SpillWriter,
+    SHARD_SCHEMA,
+    assign_shards,
     delete_matching,
     delete_tree,
     file_fingerprint,
     join,
-    metadata_json,
     read_bytes,
     read_json,
     read_spill,
     write_json,
     write_json_atomic,
     write_quarantine,
-    write_shards,
+    write_shard,
 )
-from bertscale.corpus.readers import (
-    InputFile,
-    Record,
-    Rejected,
-    WorkUnit,
-    doc_sort_key,
-    expand_inputs,
-    make_doc_id,
-    plan_units,
-    read_unit,
+from bertscale.corpus.readers import InputFile, WorkUnit, expand_inputs, plan_units
+from bertscale.corpus.runners import (
+    beam_options,
+    check_pipeline_options,
+    check_runner_name,
+    is_remote,
+    ship_code,
+    validate_runner,
 )
-from bertscale.corpus.sentences import split_sentences
-from bertscale.errors import ConfigError, InputError
+from bertscale.corpus.units import UnitProcessor, UnitResult, doc_ref, ref_row, ref_unit, spill_path
+from bertscale.errors import BertscaleError
 
+__all__ = ["CorpusResult", "build_graph", "check_pipeline_options", "check_runner_name", "dedup_buckets",
+           "run_corpus", "run_plain", "validate_runner"]
 log = logging.getLogger(__name__)
-BASE_COUNTS = ("read", "passed", "kept", "filtered", "duplicates", "exact_duplicates", "near_duplicates",
-               "quarantined", "utf8_repaired_docs", "invalid_utf8_bytes", "unparsed_lines", "unterminated_docs")
-NUM_BUCKETS = 32  # shuffle buckets for dedup keys: enough to spread work, few enough to keep elements fat
+_ONE = 0  # the key of the single group that gathers small aggregates
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Everything the graph needs, fixed before it is built."""
+
+    units: list[WorkUnit]
+    files: list[InputFile]
+    work_dir: str
+    out_dir: str
+    buckets: int
+
+
+def dedup_buckets(input_bytes: int) -> int:
+    """Shuffle buckets for dedup keys: one per 32 MB of input (a power of two, 32 to 8192). Each unit sends one
+    batch per bucket, so buckets grow with the input to spread the groups over workers, but not so fast that
+    batches shrink to a handful of keys (Beam's per-element cost is ~35 us)."""
+    wanted = max(1, input_bytes // (32 * 2**20))
+    return int(min(8192, max(32, 2 ** math.ceil(math.log2(wanted)))))
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Per-unit work (runs in the Beam workers, or in-process for the plain loop)
-# ------------------------------------------------------------------------------------------------------------
-@dataclass
-class UnitKeys:
-    """What a processed unit sends through the shuffle: dedup keys with document ids, nothing else."""
-
-    index: int
-    exact: list[tuple[str, str]] = field(default_factory=list)  # (exact key, doc id)
-    bands: list[tuple[int, str]] = field(default_factory=list)  # (LSH band key, doc id)
-
-
-def spill_path(work_dir: str, index: int) -> str:
-    return join(work_dir, "units", f"unit-{index:06d}.parquet")
-
-
-def sidecar_path(work_dir: str, index: int) -> str:
-    return join(work_dir, "units", f"unit-{index:06d}.json")
-
-
-class UnitProcessor:
-    """Reads, cleans, filters, splits and hashes the documents of one work unit."""
-
-    def __init__(self, cfg: CorpusConfig, work_dir: str) -> None:
-        self.cfg, self.work_dir = cfg, work_dir
-        self.rules = build_rules(cfg.filters)
-        d = cfg.dedup
-        self.hasher = MinHasher(d.num_perm, d.shingle_size, d.seed) if d.near else None
-        self.bands, self.rows = lsh_params(d.threshold, d.num_perm)
-
-    def __call__(self, index: int, unit: WorkUnit) -> UnitKeys:
-        counts: Counter[str] = Counter()
-        quarantine: list[dict] = []
-        keys = UnitKeys(index)
-        writer = SpillWriter(spill_path(self.work_dir, index))
-        for item in guarded_records(unit, self.cfg, counts):
-            counts["read"] += 1
-            if isinstance(item, Record):
-                if item.invalid_bytes:
-                    counts["utf8_repaired_docs"] += 1
-                    counts["invalid_utf8_bytes"] += item.invalid_bytes
-                item = self._guarded_document(unit, item, counts, keys, writer)
-            if isinstance(item, Rejected):
-                counts["quarantined"] += 1
-                quarantine.append({"file": unit.file.path, "position": item.position, "reason": item.reason})
-        writer.close()
-        write_json(sidecar_path(self.work_dir, index), {"counts": dict(counts), "quarantine": quarantine})
-        return keys
-
-    def _guarded_document(self, unit: WorkUnit, record: Record, counts: Counter[str], keys: UnitKeys,
-                          writer: SpillWriter) -> Rejected | None:
-        """`_document`, with any error it raises turned into a quarantined record: one pathological document
-        must cost that document, not the whole job."""
-        try:
-            self._document(unit, record.position, record.text, record.metadata, counts, keys, writer)
-        except Exception as err:
-            log.warning("corpus: %s position %d failed and is quarantined", unit.file.path, record.position,
-                        exc_info=True)
-            return Rejected(record.position, _failure_reason("processing failed", err))
-        return None
-
-    def _document(self, unit: WorkUnit, position: int, raw: str, metadata: dict, counts: Counter[str],
-                  keys: UnitKeys, writer: SpillWriter) -> None:
-        # Everything is computed before anything is recorded, so a failure part-way leaves no trace of the document.
-        text = clean_text(raw, self.cfg.normalization, self.cfg.strip_markup)
-        rule = first_failed_rule(text, self.rules)
-        if rule is not None:
-            counts["filtered"] += 1
-            counts[f"filtered_{rule}"] += 1
-            return
-        doc_id = make_doc_id(unit.file.rel, position)
-        signature = self.hasher.signature(text) if self.hasher is not None else None
-        bands = band_keys(signature, self.bands, self.rows) if signature is not None else []
-        exact = exact_key(text) if self.cfg.dedup.exact else None
-        sentences = split_sentences(text, self.cfg.min_sentence_chars)
-        meta = metadata_json(metadata)
-        if exact is not None:
-            keys.exact.append((exact, doc_id))
-        keys.bands.extend((k, doc_id) for k in bands)
-        writer.add(doc_id, text, sentences, unit.file.path, meta, None if signature is None else signature.tobytes())
-        counts["passed"] += 1
-
-
-def _failure_reason(what: str, err: BaseException) -> str:
-    first_line = (str(err).splitlines() or [""])[0]
-    return f"{what}: {type(err).__name__}: {first_line[:200]}"
-
-
-def guarded_records(unit: WorkUnit, cfg: CorpusConfig, counts: Counter[str]) -> Iterator[Record | Rejected]:
-    """`read_unit`, with an unexpected reader error turned into one rejected record (the records before it are
-    kept, as for a truncated archive) instead of an exception that fails the job."""
-    last = unit.start
-    try:
-        for item in read_unit(unit, cfg, counts):
-            last = item.position
-            yield item
-    except Exception as err:
-        log.warning("corpus: reading %s failed after position %d", unit.file.path, last, exc_info=True)
-        yield Rejected(last, _failure_reason(f"reader failed after position {last}", err) + "; records before "
-                             "it were kept")
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Dedup resolution on buckets (pure; the Beam graph and the plain loop both call these)
-# ------------------------------------------------------------------------------------------------------------
-def exact_buckets(keys: UnitKeys, buckets: int) -> Iterator[tuple[int, list[tuple[str, str]]]]:
-    parts: dict[int, list[tuple[str, str]]] = {}
-    for key, doc_id in keys.exact:
-        parts.setdefault(bucket_of(key, buckets), []).append((key, doc_id))
-    yield from parts.items()
-
-
-def band_buckets(keys: UnitKeys, buckets: int) -> Iterator[tuple[int, list[tuple[int, str]]]]:
-    parts: dict[int, list[tuple[int, str]]] = {}
-    for key, doc_id in keys.bands:
-        parts.setdefault(bucket_of(key, buckets), []).append((key, doc_id))
-    yield from parts.items()
-
-
-def exact_drops_in_bucket(groups: Iterable[list[tuple[str, str]]]) -> list[str]:
-    return exact_duplicates((pair for group in groups for pair in group), doc_sort_key)
-
-
-def candidates_in_bucket(groups: Iterable[list[tuple[int, str]]]) -> list[tuple[str, str]]:
-    by_band: dict[int, list[str]] = {}
-    for group in groups:
-        for key, doc_id in group:
-            by_band.setdefault(key, []).append(doc_id)
-    pairs: list[tuple[str, str]] = []
-    for ids in by_band.values():
-        if len(ids) > 1:
-            pairs.extend(candidate_pairs(ids, doc_sort_key))
-    return pairs
-
-
-# ------------------------------------------------------------------------------------------------------------
-# The Beam graph
+# DoFns and small steps
 # ------------------------------------------------------------------------------------------------------------
 class ProcessUnitFn(beam.DoFn):
     """`UnitProcessor` as a DoFn: built once per worker (MinHash permutations, rules), fed (key, [unit])."""
@@ -226,280 +117,340 @@ class ProcessUnitFn(beam.DoFn):
     def setup(self) -> None:
         self.processor = UnitProcessor(self.cfg, self.work_dir)
 
-    def process(self, element: tuple[int, Iterable[WorkUnit]]) -> Iterator[UnitKeys]:
+    def process(self, element: tuple[int, Iterable[WorkUnit]]) -> Iterator[UnitResult]:
         index, units = element
         for unit in units:
             yield self.processor(index, unit)
 
 
-def write_json_to(obj: object, path: str) -> None:
-    write_json(path, obj)
+def rows_by_unit(refs: Iterable[int]) -> Iterator[tuple[int, list[int]]]:
+    """References batched as (unit, [rows]): one element per unit instead of one per document."""
+    parts: dict[int, list[int]] = {}
+    for ref in refs:
+        parts.setdefault(ref_unit(ref), []).append(ref_row(ref))
+    yield from parts.items()
 
 
-def _runner_names() -> dict[str, str]:
-    """Beam's own runner lookup: a runner's class name, case-insensitive, with or without the `Runner` suffix."""
-    from apache_beam.options.pipeline_options import StandardOptions
-
-    names = {path.rsplit(".", 1)[-1]: path for path in StandardOptions.ALL_KNOWN_RUNNERS}
-    return {**{n.lower(): n for n in names}, **{n.lower().removesuffix("runner"): n for n in names}}
-
-
-def check_runner_name(name: str, field: str = "corpus.runner.runner") -> None:
-    """ConfigError for a runner Beam would not find (a typo), naming the closest known runner."""
-    if "." in name:  # a fully qualified PipelineRunner class; Beam imports it itself
+def load_signatures(element: tuple[int, dict], work_dir: str) -> Iterator[tuple[int, bytes]]:
+    """MinHash signatures of a unit's candidate documents, read from its spill; exact drops are left out, so
+    near-duplicate clustering only sees documents that survived exact dedup."""
+    unit, parts = element
+    wanted = set(parts["want"]).difference(row for batch in parts["exact"] for row in batch)
+    if not wanted:
         return
-    known = _runner_names()
-    if name.lower() not in known:
-        close = difflib.get_close_matches(name.lower(), known, n=1)
-        hint = f"did you mean {known[close[0]]}? " if close else ""
-        raise ConfigError(f"{field}={name!r} is not a Beam runner: {hint}use one of "
-                          f"{', '.join(sorted(set(known.values())))} or a fully qualified runner class")
+    column = read_spill(spill_path(work_dir, unit), ["minhash"]).column(0)
+    for row in sorted(wanted):
+        yield doc_ref(unit, row), column[row].as_py()
 
 
-def check_pipeline_options(flags: list[str]) -> None:
-    """ConfigError for options no Beam options class knows: Beam would only log a warning and drop them."""
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    malformed = [f for f in flags if not f.startswith("--") or f == "--"]
-    if malformed:
-        raise ConfigError(f"corpus.runner.pipeline_options {malformed} must be of the form --name=value")
-    options = PipelineOptions(flags)
-    beam_log = logging.getLogger("apache_beam.options.pipeline_options")
-    level = beam_log.level
-    beam_log.setLevel(logging.ERROR)  # Beam warns about what it drops; the ConfigError below says it better
-    try:
-        known = set(options.get_all_options())
-    finally:
-        beam_log.setLevel(level)
-    unknown = sorted(set(options.get_all_options(retain_unknown_options=True)) - known)
-    if unknown:
-        hints = [f"--{u} (did you mean --{close[0]}?)" if (close := difflib.get_close_matches(u, known, n=1))
-                 else f"--{u}" for u in unknown]
-        raise ConfigError(f"corpus.runner.pipeline_options: unknown Beam option(s) {', '.join(hints)}; fix or "
-                          "remove them (Beam would silently drop them)")
-    for flag in flags:
-        if flag.startswith("--runner="):
-            check_runner_name(flag.split("=", 1)[1], "corpus.runner.pipeline_options --runner")
+def forward_signature(element: tuple[int, dict]) -> Iterator[tuple[int, tuple[int, bytes]]]:
+    """(b, (a, sig_a)) for each candidate pair (a, b) whose `a` has a signature."""
+    a, parts = element
+    if parts["sig"]:
+        for b in sorted(set(parts["pair"])):
+            yield b, (a, parts["sig"][0])
 
 
-def validate_runner(runner: RunnerConfig) -> None:
-    """Reject a misspelt runner or an unknown pipeline option up front, before any input is read."""
-    check_runner_name(runner.runner)
-    check_pipeline_options(list(runner.pipeline_options))
+def verify_pairs(element: tuple[int, dict], threshold: float) -> Iterator[tuple[int, int]]:
+    """Verified edges (a, b): both have signatures and their estimated Jaccard reaches the threshold."""
+    b, parts = element
+    if parts["sig"]:
+        sig_b = np.frombuffer(parts["sig"][0], dtype=np.uint32)
+        for a, sig_a in parts["pair"]:
+            if estimated_jaccard(np.frombuffer(sig_a, dtype=np.uint32), sig_b) >= threshold:
+                yield a, b
 
 
-def beam_options(runner: RunnerConfig):
-    """Pipeline options: the local DirectRunner in multi-processing mode (never Prism), or any runner's flags."""
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    args = [f"--runner={runner.runner}"]
-    if runner.runner in ("DirectRunner", "direct"):
-        workers = runner.num_workers or os.cpu_count() or 1
-        args += ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
-    return PipelineOptions(args + list(runner.pipeline_options))
+def _spread(element: tuple[int, dict]) -> Iterator[tuple[int, int]]:
+    node, parts = element
+    yield from spread_label(node, parts["adj"][0], parts["label"][0])
 
 
-def build_graph(p, units: list[WorkUnit], files: list[InputFile], cfg: CorpusConfig, work_dir: str) -> None:
-    """Add the corpus stage to pipeline `p`; its results land as JSON files under `work_dir`."""
+def _offer(element: tuple[int, dict]) -> Iterator[tuple[int, tuple[bool, int]]]:
+    node, parts = element
+    label = parts["label"][0]
+    yield node, (True, label)
+    for other in parts["adj"][0]:
+        yield other, (False, label)
+
+
+def _conflicts(element: tuple[int, Iterable[tuple[bool, int]]]) -> Iterator[tuple[int, int]]:
+    offers = list(element[1])
+    own = next(label for is_own, label in offers if is_own)
+    yield from label_conflicts(own, (label for is_own, label in offers if not is_own))
+
+
+def _relabel(element: tuple[int, dict]) -> Iterator[tuple[int, int]]:
+    label, parts = element
+    final = parts["merged"][0] if parts["merged"] else label
+    for node in parts["node"]:
+        yield node, final
+
+
+def kept_rows(element: tuple[int, dict], work_dir: str) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(unit, kept rows, their text bytes): the unit's spill rows minus its drops (reads one int column)."""
+    unit, parts = element
+    sizes = read_spill(spill_path(work_dir, unit), ["text_bytes"]).column(0).to_numpy()
+    keep = np.ones(len(sizes), dtype=bool)
+    for batch in parts["drops"]:
+        keep[np.asarray(batch, dtype=np.int64)] = False
+    rows = np.flatnonzero(keep)
+    yield unit, rows, sizes[rows]
+
+
+def prefix_offsets(element: tuple[int, Iterable[tuple[int, int]]]) -> Iterator[tuple[int, int]]:
+    """(unit, kept text bytes of all earlier units) from every unit's (unit, kept text bytes)."""
+    total = 0
+    for unit, size in sorted(element[1]):
+        yield unit, total
+        total += size
+
+
+def place_rows(element: tuple[int, dict], target: int) -> Iterator[tuple[int, tuple[int, list[int]]]]:
+    """(shard slot, (unit, rows)) for a unit's kept rows, joined with the unit's offset in the kept text."""
+    unit, parts = element
+    (rows, sizes), (offset,) = parts["kept"][0], parts["offset"]
+    for slot, positions in assign_shards(offset, sizes, target):
+        yield slot, (unit, rows[positions].tolist())
+
+
+def slot_ranks(element: tuple[int, Iterable[int]]) -> Iterator[tuple[int, int]]:
+    """(slot, shard number): slots of documents bigger than a shard stay empty, and shard names count only the
+    non-empty ones, so they have no gaps."""
+    for rank, slot in enumerate(sorted(set(element[1]))):
+        yield slot, rank
+
+
+class WriteShardFn(beam.DoFn):
+    """Gathers one shard's rows from the spill files of its (few) units, in order, and writes the shard."""
+
+    def __init__(self, work_dir: str, out_dir: str) -> None:
+        self.work_dir, self.out_dir = work_dir, out_dir
+
+    def process(self, element: tuple[int, dict]) -> Iterator[tuple]:
+        _, parts = element
+        tables = []
+        for unit, rows in sorted(parts["rows"]):
+            table = read_spill(spill_path(self.work_dir, unit), SHARD_SCHEMA.names)
+            tables.append(table.take(pa.array(rows, type=pa.int64())))
+        info = write_shard(self.out_dir, parts["rank"][0], tables)
+        yield "shard", info.__dict__
+
+
+def write_summary(element: tuple[int, Iterable[tuple[str, object]]], path: str) -> str:
+    """The launcher's only view of the run: summed counts, shard infos, input fingerprints, cluster checks."""
+    counts: dict[str, int] = {}
+    shards, inputs, plan = [], [], {}
+    for kind, value in element[1]:
+        if kind == "counts":
+            for name, n in value.items():
+                counts[name] = counts.get(name, 0) + n
+        elif kind == "shard":
+            shards.append(value)
+        elif kind == "input":
+            inputs.append(value)
+        elif kind == "plan":
+            plan = value
+        else:
+            counts[kind] = counts.get(kind, 0) + value
+    write_json(path, {"counts": counts, "shards": sorted(shards, key=lambda s: s["name"]),
+                      "inputs": sorted(inputs, key=lambda r: r["path"]), "plan": plan})
+    return path
+
+
+def _write_quarantine(element: tuple[int, Iterable[list[dict]]], path: str) -> str:
+    write_quarantine(path, [record for batch in element[1] for record in batch])
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The graph
+# ------------------------------------------------------------------------------------------------------------
+def gather(pcoll, label: str):
+    """All elements of a (small) PCollection in one group, keyed by a constant."""
+    return pcoll | f"{label}Key" >> beam.Map(lambda x: (_ONE, x)) | f"{label}Group" >> beam.GroupByKey()
+
+
+def connected_components(edges, rounds: int):
+    """(node, label) for every node of the edge list, label = the component's smallest node; and the count of
+    label conflicts left after `rounds` propagation rounds (0 = converged), as ("unconverged_edges", n) records."""
+    adjacency = (edges
+                 | "BothWays" >> beam.FlatMap(lambda e: (e, (e[1], e[0])))
+                 | "Adjacency" >> beam.GroupByKey()
+                 | "Neighbors" >> beam.MapTuple(lambda node, others: (node, sorted(set(others)))))
+    labels = adjacency | "InitLabels" >> beam.MapTuple(lambda node, others: (node, initial_label(node, others)))
+    for r in range(rounds):
+        labels = ({"adj": adjacency, "label": labels}
+                  | f"JoinLabels{r}" >> beam.CoGroupByKey()
+                  | f"Spread{r}" >> beam.FlatMap(_spread)
+                  | f"MinLabel{r}" >> beam.CombinePerKey(min))
+    conflicts = ({"adj": adjacency, "label": labels}
+                 | "JoinCheck" >> beam.CoGroupByKey()
+                 | "Offer" >> beam.FlatMap(_offer)
+                 | "GroupOffers" >> beam.GroupByKey()
+                 | "Conflicts" >> beam.FlatMap(_conflicts))
+    residue = gather(conflicts, "Residue")
+    merged = residue | "MergeLabels" >> beam.FlatMap(lambda kv: merge_labels(kv[1]).items())
+    unconverged = residue | "CountResidue" >> beam.Map(lambda kv: ("unconverged_edges", len(list(kv[1]))))
+    final = ({"node": labels | "ByLabel" >> beam.MapTuple(lambda node, label: (label, node)), "merged": merged}
+             | "JoinMerged" >> beam.CoGroupByKey()
+             | "FinalLabels" >> beam.FlatMap(_relabel))
+    return final, unconverged
+
+
+def near_drops(results, exact_batches, cfg: CorpusConfig, plan: StagePlan):
+    """References of near duplicates (every member of a verified cluster but its smallest), and cluster checks."""
+    candidates = (results
+                  | "BandBuckets" >> beam.FlatMap(lambda r: by_bucket(r.bands, plan.buckets))
+                  | "GroupBands" >> beam.GroupByKey()
+                  | "Candidates" >> beam.FlatMap(lambda kv: candidates_in_bucket(kv[1])))
+    wanted = candidates | "WantedRows" >> beam.FlatMap(lambda ab: ((ref_unit(x), ref_row(x)) for x in ab))
+    signatures = ({"want": wanted, "exact": exact_batches}
+                  | "JoinWanted" >> beam.CoGroupByKey()
+                  | "Signatures" >> beam.FlatMap(load_signatures, plan.work_dir))
+    edges = ({"sig": signatures, "pair": candidates}
+             | "JoinFirst" >> beam.CoGroupByKey()
+             | "ForwardSignature" >> beam.FlatMap(forward_signature))
+    edges = ({"sig": signatures, "pair": edges}
+             | "JoinSecond" >> beam.CoGroupByKey()
+             | "Verify" >> beam.FlatMap(verify_pairs, cfg.dedup.threshold))
+    labels, unconverged = connected_components(edges, cfg.dedup.cluster_rounds)
+    drops = labels | "NearDrops" >> beam.FlatMapTuple(lambda node, label: [node] if node != label else [])
+    return drops, unconverged
+
+
+def write_shards(results, drop_batches, plan: StagePlan, target: int):
+    """Shard infos: drops applied per unit, each kept document placed by its offset in the kept text."""
+    unit_rows = results | "UnitRows" >> beam.Map(lambda r: (r.index, r.rows))
+    kept = ({"drops": drop_batches, "rows": unit_rows}
+            | "JoinDrops" >> beam.CoGroupByKey()
+            | "KeptRows" >> beam.FlatMap(kept_rows, plan.work_dir))
+    offsets = (gather(kept | "KeptBytes" >> beam.MapTuple(lambda unit, rows, sizes: (unit, int(sizes.sum()))),
+                      "Offsets")
+               | "PrefixSums" >> beam.FlatMap(prefix_offsets))
+    placed = ({"kept": kept | "KeyKept" >> beam.MapTuple(lambda unit, rows, sizes: (unit, (rows, sizes))),
+               "offset": offsets}
+              | "JoinOffsets" >> beam.CoGroupByKey()
+              | "Place" >> beam.FlatMap(place_rows, target))
+    slots = placed | "Slot" >> beam.MapTuple(lambda slot, _: slot)
+    ranks = gather(slots, "Slots") | "Rank" >> beam.FlatMap(slot_ranks)
+    return ({"rows": placed, "rank": ranks}
+            | "GroupShard" >> beam.CoGroupByKey()
+            | "WriteShard" >> beam.ParDo(WriteShardFn(plan.work_dir, plan.out_dir)))
+
+
+def build_graph(p, plan: StagePlan, cfg: CorpusConfig) -> None:
+    """Add the corpus stage to pipeline `p`: shards and quarantine under `out_dir`, `summary.json` in work_dir."""
     # Biggest units first: the runner deals grouped keys round-robin to workers, which then balances well.
-    order = sorted(range(len(units)), key=lambda i: (-(units[i].file.size if units[i].end is None
-                                                        else units[i].end - units[i].start), i))
-    keys = (
-        p
-        | "Units" >> beam.Create([(i, units[i]) for i in order], reshuffle=False)
-        | "SpreadUnits" >> beam.GroupByKey()
-        | "Process" >> beam.ParDo(ProcessUnitFn(cfg, work_dir))
-    )
-    (keys
-     | "ExactBuckets" >> beam.FlatMap(exact_buckets, NUM_BUCKETS)
-     | "GroupExact" >> beam.GroupByKey()
-     | "ExactDrops" >> beam.FlatMap(lambda kv: exact_drops_in_bucket(kv[1]))
-     | "CollectExact" >> beam.combiners.ToList()
-     | "WriteExact" >> beam.Map(write_json_to, join(work_dir, "exact_drops.json")))
-    (keys
-     | "BandBuckets" >> beam.FlatMap(band_buckets, NUM_BUCKETS)
-     | "GroupBands" >> beam.GroupByKey()
-     | "Candidates" >> beam.FlatMap(lambda kv: candidates_in_bucket(kv[1]))
-     | "CollectCandidates" >> beam.combiners.ToList()
-     | "WriteCandidates" >> beam.Map(write_json_to, join(work_dir, "near_candidates.json")))
-    (p
-     | "Files" >> beam.Create([(i, f.path) for i, f in enumerate(files)], reshuffle=False)
-     | "SpreadFiles" >> beam.GroupByKey()
-     | "Fingerprint" >> beam.FlatMap(lambda kv: [file_fingerprint(path) for path in kv[1]])
-     | "CollectFingerprints" >> beam.combiners.ToList()
-     | "WriteFingerprints" >> beam.Map(write_json_to, join(work_dir, "inputs.json")))
+    order = sorted(range(len(plan.units)), key=lambda i: (-_unit_size(plan.units[i]), i))
+    results = (p
+               | "Units" >> beam.Create([(i, plan.units[i]) for i in order], reshuffle=False)
+               | "SpreadUnits" >> beam.GroupByKey()
+               | "Process" >> beam.ParDo(ProcessUnitFn(cfg, plan.work_dir)))
+    exact_batches = (results
+                     | "ExactBuckets" >> beam.FlatMap(lambda r: by_bucket(r.exact, plan.buckets))
+                     | "GroupExact" >> beam.GroupByKey()
+                     | "ExactDrops" >> beam.FlatMap(lambda kv: rows_by_unit(exact_drops_in_bucket(kv[1]))))
+    near, unconverged = near_drops(results, exact_batches, cfg, plan)
+    near_batches = near | "NearByUnit" >> beam.Map(lambda ref: (ref_unit(ref), [ref_row(ref)]))
+    drops = (exact_batches, near_batches) | "AllDrops" >> beam.Flatten()
+    shards = write_shards(results, drops, plan, cfg.target_shard_bytes)
+    fingerprints = (p
+                    | "Files" >> beam.Create([(i, f.path) for i, f in enumerate(plan.files)], reshuffle=False)
+                    | "SpreadFiles" >> beam.GroupByKey()
+                    | "Fingerprint" >> beam.FlatMap(lambda kv: [("input", file_fingerprint(x)) for x in kv[1]]))
+    records = (
+        p | "Plan" >> beam.Create([("plan", {"units": len(plan.units), "buckets": plan.buckets})]),
+        results | "UnitCounts" >> beam.Map(lambda r: ("counts", r.counts)),
+        exact_batches | "ExactCount" >> beam.Map(lambda kv: ("exact_duplicates", len(kv[1]))),
+        near | "NearCount" >> beam.Map(lambda _: ("near_duplicates", 1)),
+        unconverged, shards, fingerprints,
+    ) | "Records" >> beam.Flatten()
+    summary = gather(records, "Summary") | "WriteSummary" >> beam.Map(write_summary,
+                                                                      join(plan.work_dir, "summary.json"))
+    quarantine = (p | "NoQuarantine" >> beam.Create([[]]),
+                  results | "Quarantine" >> beam.Map(lambda r: r.quarantine)) | "AllQuarantine" >> beam.Flatten()
+    quarantined = (gather(quarantine, "Quarantine")
+                   | "WriteQuarantine" >> beam.Map(_write_quarantine, join(plan.out_dir, "quarantine.jsonl")))
+    # One last transform downstream of every output: Beam's DaskRunner computes only the last transform's
+    # lineage, so a second sink left dangling would silently never run there.
+    (summary, quarantined) | "Outputs" >> beam.Flatten() | "Done" >> beam.Map(lambda _: None)
 
 
-def _run_beam(cfg: CorpusConfig, units: list[WorkUnit], files: list[InputFile], work_dir: str) -> None:
+def _unit_size(unit: WorkUnit) -> int:
+    return unit.file.size if unit.end is None else unit.end - unit.start
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Launching
+# ------------------------------------------------------------------------------------------------------------
+def _run_beam(cfg: CorpusConfig, plan: StagePlan) -> None:
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
-    with beam.Pipeline(options=beam_options(cfg.runner)) as p:
-        build_graph(p, units, files, cfg, work_dir)
+    ship_code(cfg.runner)
+    try:
+        with beam.Pipeline(options=beam_options(cfg.runner)) as p:
+            build_graph(p, plan, cfg)
+    except Exception as e:
+        if not is_remote(cfg.runner) or isinstance(e, BertscaleError):
+            raise
+        # A lost worker or cluster is not a bug here: one line, and the manifest (written after) never is.
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise BertscaleError(f"the {cfg.runner.runner} run failed ({type(e).__name__}: {first}); nothing was "
+                             f"marked complete in {plan.out_dir}: re-run the stage") from e
 
 
-def _run_in_process(cfg: CorpusConfig, units: list[WorkUnit], files: list[InputFile], work_dir: str) -> None:
-    """The same work as the Beam graph, one unit after another in this process, with one global bucket."""
-    processor = UnitProcessor(cfg, work_dir)
-    all_keys = [processor(i, unit) for i, unit in enumerate(units)]
-    exact = exact_drops_in_bucket(k.exact for k in all_keys)
-    near = candidates_in_bucket(k.bands for k in all_keys)
-    write_json(join(work_dir, "exact_drops.json"), exact)
-    write_json(join(work_dir, "near_candidates.json"), near)
-    write_json(join(work_dir, "inputs.json"), [file_fingerprint(f.path) for f in files])
+def _run_in_process(cfg: CorpusConfig, plan: StagePlan) -> None:
+    """The same graph on Beam's in-process runner: one process, one bundle at a time (the reference twin)."""
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    with beam.Pipeline(runner=FnApiRunner()) as p:
+        build_graph(p, plan, cfg)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Finalization and the public entry points
-# ------------------------------------------------------------------------------------------------------------
-@dataclass
-class CorpusResult:
-    """Where the stage wrote (a Path for a local output, the URI string for gs:// & co.) and what it counted."""
-
-    output_dir: Path | str
-    manifest_path: Path | str
-    manifest: dict
-    counts: dict[str, int]
-    seconds: float = 0.0
-    manifest_sha256: str = ""
-
-    def summary(self) -> str:
-        c = self.counts
-        rules = ", ".join(f"{r}={c[f'filtered_{r}']}" for r in RULE_NAMES if c.get(f"filtered_{r}"))
-        return "\n".join([
-            f"corpus: read {c['read']} documents from {c['files']} files ({c['input_bytes'] / 2**20:.1f} MiB)",
-            f"  kept {c['kept']} ({c['sentences']} sentences), filtered {c['filtered']}"
-            + (f" ({rules})" if rules else ""),
-            f"  duplicates {c['duplicates']} (exact {c['exact_duplicates']}, near {c['near_duplicates']}), "
-            f"quarantined {c['quarantined']}",
-            f"  {c['shards']} shard(s), {c['output_text_bytes'] / 2**20:.1f} MiB of text -> {self.output_dir}",
-        ])
-
-
-def _gather_units(work_dir: str, n_units: int) -> tuple[Counter[str], list[dict]]:
-    counts: Counter[str] = Counter()
-    quarantine: list[dict] = []
-    for i in range(n_units):
-        side = read_json(sidecar_path(work_dir, i))
-        counts.update(side["counts"])
-        quarantine.extend(side["quarantine"])
-    return counts, quarantine
-
-
-def _signatures(work_dir: str, n_units: int, wanted: set[str]) -> dict[str, np.ndarray]:
-    """MinHash signatures of the candidate documents, read back from the spill files."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    found: dict[str, np.ndarray] = {}
-    value_set = pa.array(sorted(wanted), type=pa.string())
-    for i in range(n_units):
-        for batch in read_spill(spill_path(work_dir, i), columns=["doc_id", "minhash"]):
-            mask = pc.is_in(batch.column(0), value_set=value_set)
-            sub = batch.filter(mask)
-            for doc_id, sig in zip(sub.column(0).to_pylist(), sub.column(1).to_pylist()):
-                found[doc_id] = np.frombuffer(sig, dtype=np.uint32)
-    return found
-
-
-def _resolve_duplicates(cfg: CorpusConfig, work_dir: str, n_units: int) -> tuple[set[str], set[str]]:
-    exact = set(read_json(join(work_dir, "exact_drops.json")))
-    pairs = [(a, b) for a, b in read_json(join(work_dir, "near_candidates.json")) if a not in exact and b not in exact]
-    near: set[str] = set()
-    if pairs:
-        sigs = _signatures(work_dir, n_units, {x for pair in pairs for x in pair})
-        near = set(near_duplicates(pairs, sigs, cfg.dedup.threshold, doc_sort_key))
-    return exact, near
-
-
-def _nothing_kept(counts: Counter[str], quarantine: list[dict]) -> InputError:
-    rules = sorted(((counts[f"filtered_{r}"], r) for r in RULE_NAMES if counts[f"filtered_{r}"]), reverse=True)
-    parts = [f"{r}: {n}" for n, r in rules]
-    hint = ""
-    if rules:
-        top = rules[0][1]
-        hint = f"; relax corpus.filters.{top}" if top != "empty" else "; the inputs hold no text after cleaning"
-    if counts["quarantined"]:
-        parts.append(f"quarantined: {counts['quarantined']} (e.g. {quarantine[0]['reason']})")
-    if counts["duplicates"]:
-        parts.append(f"duplicates: {counts['duplicates']}")
-    return InputError(f"no documents survived the corpus stage (read {counts['read']}; dropped by "
-                      f"{', '.join(parts) or 'nothing'}){hint}")
-
-
-def finalize(cfg: PipelineConfig, units: list[WorkUnit], files: list[InputFile], work_dir: str, out_dir: str,
-             progress: bool) -> tuple[dict, Counter[str]]:
-    """Resolve duplicates, write shards, quarantine and manifest; check the document-count invariant."""
-    counts, quarantine = _gather_units(work_dir, len(units))
-    exact, near = _resolve_duplicates(cfg.corpus, work_dir, len(units))
-    counts["exact_duplicates"], counts["near_duplicates"] = len(exact), len(near)
-    counts["duplicates"] = len(exact) + len(near)
-    delete_matching(join(out_dir, "shards", "part-*.parquet"))
-    write_quarantine(join(out_dir, "quarantine.jsonl"), quarantine)
-    if counts["passed"] - counts["duplicates"] <= 0:
-        raise _nothing_kept(counts, quarantine)
-    shards = write_shards((spill_path(work_dir, i) for i in range(len(units))), exact | near, out_dir,
-                          cfg.corpus.target_shard_bytes, progress, total=len(units))
-    counts["kept"] = sum(s.rows for s in shards)
-    accounted = counts["kept"] + counts["filtered"] + counts["duplicates"] + counts["quarantined"]
-    if counts["read"] != accounted:
-        raise RuntimeError(f"corpus invariant violated: read {counts['read']} != kept {counts['kept']} + filtered "
-                           f"{counts['filtered']} + duplicates {counts['duplicates']} + quarantined "
-                           f"{counts['quarantined']}")
-    counts.update(files=len(files), units=len(units), shards=len(shards),
-                  input_bytes=sum(f.size for f in files), output_text_bytes=sum(s.text_bytes for s in shards),
-                  sentences=sum(s.sentences for s in shards))
-    for name in (*BASE_COUNTS, *(f"filtered_{rule}" for rule in RULE_NAMES)):
-        counts.setdefault(name, 0)  # every key always present, so metrics line up across runs
-    manifest = {
-        "version": 1,
-        "shards": [{"name": s.name, "rows": s.rows, "bytes": s.bytes, "sha256": s.sha256} for s in shards],
-        "counts": dict(sorted(counts.items())),
-        "config": cfg.corpus.model_dump(mode="json"),
-        "inputs": sorted(read_json(join(work_dir, "inputs.json")), key=lambda r: r["path"]),
-        "schema": {"doc_id": "string", "text": "string", "sentences": "list<string>", "source": "string",
-                   "metadata": "string (JSON object)"},
-        "lsh": dict(zip(("bands", "rows"), lsh_params(cfg.corpus.dedup.threshold, cfg.corpus.dedup.num_perm))),
-    }
-    write_json_atomic(join(out_dir, "manifest.json"), manifest)
-    return manifest, counts
-
-
-def _prepare(cfg: PipelineConfig) -> tuple[list[InputFile], list[WorkUnit], str, str]:
+def _prepare(cfg: PipelineConfig) -> StagePlan:
     files = expand_inputs(cfg.corpus.inputs)
     units = plan_units(files, cfg.corpus)
     out_dir = cfg.stage_location("corpus")  # a URI stays a string: Path("gs://b") would be "gs:/b"
     work_dir = cfg.corpus.work_dir or join(out_dir, "_work")
     # A manifest means a complete output: a run that fails from here on must not leave the previous one behind.
     delete_matching(join(out_dir, "manifest.json"))
+    delete_matching(join(out_dir, "shards", "part-*.parquet"))
     delete_matching(join(work_dir, "units", "unit-*"))
-    return files, units, out_dir, work_dir
+    delete_matching(join(work_dir, "summary.json"))
+    return StagePlan(units, files, work_dir, out_dir, dedup_buckets(sum(f.size for f in files)))
 
 
 def _local_or_uri(location: str) -> Path | str:
     return location if is_uri(location) else Path(location)
 
 
-def _run(cfg: PipelineConfig, progress: bool, engine) -> CorpusResult:
+def _run(cfg: PipelineConfig, engine) -> CorpusResult:
     start = time.perf_counter()
-    files, units, out_dir, work_dir = _prepare(cfg)
-    log.info("corpus: %d files in %d work units -> %s", len(files), len(units), out_dir)
-    engine(cfg.corpus, units, files, work_dir)
-    manifest, counts = finalize(cfg, units, files, work_dir, out_dir, progress)
+    plan = _prepare(cfg)
+    log.info("corpus: %d files in %d work units, %d dedup buckets -> %s", len(plan.files), len(plan.units),
+             plan.buckets, plan.out_dir)
+    engine(cfg.corpus, plan)
+    summary = read_json(join(plan.work_dir, "summary.json"))
+    manifest, counts = build_manifest(cfg.corpus, summary, plan.out_dir, len(plan.files),
+                                      sum(f.size for f in plan.files))
+    write_json_atomic(join(plan.out_dir, "manifest.json"), manifest)
     if not cfg.corpus.work_dir:
-        delete_tree(work_dir)
-    manifest_path = join(out_dir, "manifest.json")
-    result = CorpusResult(_local_or_uri(out_dir), _local_or_uri(manifest_path), manifest,
-                          {k: int(v) for k, v in counts.items()}, time.perf_counter() - start,
-                          hashlib.sha256(read_bytes(manifest_path)).hexdigest())
+        delete_tree(plan.work_dir)
+    manifest_path = join(plan.out_dir, "manifest.json")
+    result = CorpusResult(_local_or_uri(plan.out_dir), _local_or_uri(manifest_path), manifest, counts,
+                          time.perf_counter() - start, hashlib.sha256(read_bytes(manifest_path)).hexdigest())
     log.info("corpus stage done in %.1f s", result.seconds)
     return result
 
 
 def run_corpus(cfg: PipelineConfig, progress: bool = True) -> CorpusResult:
-    """Run the corpus stage with the configured Beam runner (local multi-processing by default)."""
+    """Run the corpus stage with the configured Beam runner (local multi-processing by default). `progress` is
+    kept for callers of the earlier API: the work now happens in the runner, which reports its own progress."""
     validate_runner(cfg.corpus.runner)
-    return _run(cfg, progress, _run_beam)
+    return _run(cfg, _run_beam)
 
 
 def run_plain(cfg: PipelineConfig, progress: bool = False) -> CorpusResult:
-    """The same stage in one process without Beam: same functions, same output bytes (benchmark reference)."""
-    return _run(cfg, progress, _run_in_process)
+    """The same graph on Beam's in-process runner, in this process: the twin that tests compare runners against."""
+    return _run(cfg, _run_in_process)

@@ -5,8 +5,11 @@ work through the same code as local paths. Each file becomes one or more `WorkUn
 files (WikiExtractor, JSONL, blank-line separated text) larger than `bundle_bytes` are split into byte ranges so
 that workers share even a single big file. A range owns the records that *start* inside it, as Beam's text source
 does, and record positions are byte offsets in the (decompressed) file, so document ids never depend on how the
-files were split. Readers stream line by line with a length cap: memory stays bounded by `max_doc_bytes` whatever
-the file size. Anything unusable becomes a `Rejected` record with its position and reason, never an exception.
+files were split. Parquet files larger than `bundle_bytes` are split into ranges of whole row groups (positions
+are row indices in the file). Compressed streams (gzip, bz2, xz, zstd) stay one unit each: none of them can be
+entered mid-stream without decompressing everything before the entry point, so a split would multiply the
+decompression work; the way to parallelise them is many moderately sized compressed files, as corpora ship.
+Readers stream line by line with a length cap: memory stays bounded by `max_doc_bytes` whatever the file size. Anything unusable becomes a `Rejected` record with its position and reason, never an exception.
 """
 
 from __future__ import annotations
@@ -248,11 +251,36 @@ def plan_units(files: list[InputFile], cfg: CorpusConfig) -> list[WorkUnit]:
             units.append(WorkUnit(f))  # the worker reports the error
             continue
         fmt = resolve_format(f.path, cfg, head)
+        if fmt == "parquet":
+            units.extend(parquet_units(f, cfg.bundle_bytes))
+            continue
         if fmt not in LINE_FORMATS or b"\x00" in head:
             units.append(WorkUnit(f, format=fmt))
             continue
         for start in range(0, f.size, cfg.bundle_bytes):
             units.append(WorkUnit(f, start, min(start + cfg.bundle_bytes, f.size), fmt))
+    return units
+
+
+def parquet_units(f: InputFile, bundle_bytes: int) -> list[WorkUnit]:
+    """Ranges of whole row groups of about `bundle_bytes` (uncompressed) each: a row group is the smallest part
+    of a parquet file that can be read on its own. A file whose footer cannot be read stays one unit, and the
+    worker that reads it reports why."""
+    import pyarrow.parquet as pq
+
+    try:
+        with FileSystems.open(f.path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+            meta = pq.ParquetFile(fh).metadata
+    except _STREAM_ERRORS:
+        return [WorkUnit(f, format="parquet")]
+    units: list[WorkUnit] = []
+    start, size = 0, 0
+    for i in range(meta.num_row_groups):
+        size += meta.row_group(i).total_byte_size
+        if size >= bundle_bytes and i + 1 < meta.num_row_groups:
+            units.append(WorkUnit(f, start, i + 1, "parquet"))
+            start, size = i + 1, 0
+    units.append(WorkUnit(f, start, None, "parquet"))
     return units
 
 

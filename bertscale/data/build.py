@@ -1,14 +1,22 @@
 """The pretraining-data stage: corpus shards -> tokenized documents -> instances -> memory-mapped shards.
 
-1. The corpus's parquet shards are read with `datasets` and their `sentences` column tokenized with
-   `Dataset.map(batched=True, num_proc=N)`. The Arrow cache lives in `<out>/.cache` under a fingerprint of the
-   corpus manifest, the tokenizer's vocabulary and this stage's code, so a re-run (or a run after a crash)
-   reuses the tokenized data.
-2. The token ids are taken out of Arrow as flat arrays (`TokenizedDocs`); documents with no tokens or mostly
-   [UNK] are dropped and counted; documents are split by document into train and held-out.
-3. For every sequence-length phase and split, instances are created (`instances.py`), shuffled, and written as
-   the arrays `PretrainingDataset` reads (see `dataset.py`). `manifest.json` is written last: its presence
-   means the output is complete.
+Memory is bounded by one corpus shard per process, never by the corpus:
+
+1. The corpus's parquet shards (its manifest.json order) are checked up front; an unreadable one is an error
+   naming it, never a skip.
+2. NSP mode: the B pool (`nsp_pool.py`), a fixed-size seeded sample of documents from all shards, is built
+   first; random B segments come from it, so a shard needs no other shard to pair its documents.
+3. Every corpus shard becomes one output shard (`shards.py`), built in `data.num_proc` processes: tokenized
+   with `tokenizers` (`documents.py`), unusable documents dropped and counted, documents split into train and
+   held-out, instances created (`instances.py`) for every phase and written as memory-mapped arrays with
+   64-bit offsets, atomically (a directory is complete iff it holds its shard.json). A shard's bytes depend
+   only on its inputs, so the output is the same for any number of processes.
+4. `manifest.json`, listing every shard with its counts and sha256s, is written last: its presence means the
+   output is complete. A killed run leaves its finished shards in place, and a re-run reuses them after
+   verifying their checksums.
+
+`datasets` is not used by this stage: its `map` cache holds the whole tokenized corpus with 32-bit list offsets
+(see `documents.py`); the resumable per-shard output takes the place of that cache.
 """
 
 from __future__ import annotations
@@ -16,35 +24,30 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bertscale.config import PipelineConfig, dump_config
-from bertscale.data.dataset import MANIFEST, split_dir
-from bertscale.data.instances import (
-    Instances,
-    TokenizedDocs,
-    create_nsp_instances,
-    create_packed_instances,
-    materialize,
-    split_long_sentences,
-)
+from bertscale.data.dataset import MANIFEST
+from bertscale.data.nsp_pool import PoolSample, build_pool, per_shard_counts
+from bertscale.data.shards import SPLITS, BuildSettings, ShardJob, build_shard, shard_name
+from bertscale.data.storage import remove_stale, write_json
 from bertscale.errors import InputError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-# Bump when the tokenized cache's content changes meaning (it keys datasets' cache with the inputs).
-TOKENIZE_VERSION = "1"
-SPLITS = ("train", "heldout")
+FORMAT_VERSION = 2  # 2: sharded output, B pool
 
 
 @dataclass
@@ -62,6 +65,7 @@ class DataResult:
             f"  documents: {s['documents']} used ({s['documents_train']} train, {s['documents_heldout']} held out), "
             f"skipped: {s['skipped_empty']} empty, {s['skipped_unk']} mostly [UNK]; "
             f"{s['empty_shards']} empty shards, {s['empty_sentences']} empty sentences",
+            f"  output shards: {s['shards']} ({s['shards_reused']} verified and reused from an earlier run)",
         ]
         for L in self.manifest["seq_lengths"]:
             for split in SPLITS:
@@ -112,201 +116,112 @@ def _shard_rows(path: Path) -> int:
     return meta.metadata.num_rows
 
 
-class DocumentEncoder:
-    """`datasets.map` function: token ids per sentence, empty sentences dropped and counted, [UNK]s counted."""
-
-    def __init__(self, tok_path: str | Path, unk_id: int) -> None:
-        from bertscale.tokenizer import encode_batch_for_datasets
-
-        self.encode = encode_batch_for_datasets(tok_path, column="sentences", output="input_ids")
-        self.unk_id = unk_id
-
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        encoded = self.encode(batch)["input_ids"]
-        ids, empty, unk, tokens = [], [], [], []
-        for sentences in encoded:
-            kept = [s for s in sentences if s]
-            ids.append(kept)
-            empty.append(len(sentences) - len(kept))
-            unk.append(sum(s.count(self.unk_id) for s in kept))
-            tokens.append(sum(len(s) for s in kept))
-        return {"input_ids": ids, "empty_sentences": empty, "unk_tokens": unk, "num_tokens": tokens}
-
-
-def tokenize_corpus(
-    shards: list[Path], tok_path: Path, unk_id: int, cache_dir: Path, num_proc: int, fingerprint: str
-) -> Any:
-    """The corpus as a `datasets.Dataset` with per-document `input_ids` (list of sentences of ids)."""
-    import datasets
-
-    ds = datasets.Dataset.from_parquet(
-        [str(p) for p in shards], columns=["doc_id", "sentences"], cache_dir=str(cache_dir)
-    )
-    num_proc = max(1, min(num_proc, len(ds)))
-    features = datasets.Features(
-        {
-            "doc_id": datasets.Value("string"),
-            "input_ids": datasets.List(datasets.List(datasets.Value("int32"))),
-            "empty_sentences": datasets.Value("int32"),
-            "unk_tokens": datasets.Value("int64"),
-            "num_tokens": datasets.Value("int64"),
-        }
-    )
-    return ds.map(
-        DocumentEncoder(tok_path, unk_id),
-        batched=True,
-        batch_size=256,
-        num_proc=num_proc if num_proc > 1 else None,
-        remove_columns=["sentences"],
-        features=features,
-        new_fingerprint=f"bertscale-tokenized-{fingerprint}-np{num_proc}",
-        desc="tokenizing",
-    )
-
-
-def docs_from_arrow(column: pa.ChunkedArray | pa.Array) -> TokenizedDocs:
-    """Flat arrays straight from Arrow's list<list<int32>> buffers (no Python object per token)."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    inner = arr.flatten()
-    outer_off = arr.offsets.to_numpy().astype(np.int64)
-    inner_off = inner.offsets.to_numpy().astype(np.int64)
-    tokens = inner.flatten().to_numpy(zero_copy_only=False)
-    return TokenizedDocs(tokens, inner_off - inner_off[0], outer_off - outer_off[0])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Document selection and the held-out split
-# ----------------------------------------------------------------------------------------------------------------
-def keep_documents(
-    num_tokens: np.ndarray, unk_tokens: np.ndarray, max_unk_fraction: float | None
-) -> tuple[np.ndarray, dict[str, int]]:
-    """Indices of usable documents and how many were skipped for each reason."""
-    empty = num_tokens == 0
-    frac = unk_tokens / np.maximum(num_tokens, 1)
-    # Mostly-[UNK] documents are usually a script the vocabulary does not cover: only noise to the model.
-    unk = ~empty & (frac > max_unk_fraction) if max_unk_fraction is not None else np.zeros_like(empty)
-    keep = np.flatnonzero(~empty & ~unk)
-    return keep, {"skipped_empty": int(empty.sum()), "skipped_unk": int(unk.sum())}
-
-
-def heldout_split(num_docs: int, fraction: float, seed: int, min_docs: int) -> tuple[np.ndarray, np.ndarray]:
-    """Train and held-out document indices (in a seeded random order): whole documents, never parts.
-
-    `min_docs` is the fewest documents a non-empty split may have (NSP needs two: B comes from another one).
-    """
-    order = np.random.default_rng([seed, 0x4E1D]).permutation(num_docs)
-    n_held = int(round(num_docs * fraction))
-    if fraction > 0:
-        n_held = max(n_held, min_docs)
-    if num_docs - n_held < min_docs:
-        raise InputError(
-            f"only {num_docs} usable documents: too few for a training split of >= {min_docs} documents and "
-            f"data.heldout_fraction={fraction}; add documents or lower data.heldout_fraction"
-        )
-    # Shuffled document order, as the reference shuffles documents (packed sequences join neighbours).
-    return order[n_held:], order[:n_held]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Instances and their arrays
-# ----------------------------------------------------------------------------------------------------------------
-def make_instances(docs: TokenizedDocs, cfg: PipelineConfig, seq_len: int, rng: np.random.Generator
-                   ) -> tuple[TokenizedDocs, Instances, int]:
-    """Instances of one phase and split (shuffled), the docs their spans point into, and sentences cut."""
-    d = cfg.data
-    if d.mode == "nsp":
-        # Half the pair budget per piece: a run-on sentence then still fills A and B instead of being truncated.
-        docs, n_cut = split_long_sentences(docs, max(1, (seq_len - 3) // 2))
-        inst = create_nsp_instances(docs, seq_len, d.short_seq_prob, d.dupe_factor, rng)
-    else:
-        docs, n_cut = split_long_sentences(docs, seq_len - 2)
-        inst = create_packed_instances(docs, seq_len)
-    return docs, inst.take(rng.permutation(len(inst))), n_cut
-
-
-def write_split(out: Path, docs: TokenizedDocs, inst: Instances, seq_len: int, special: dict[str, int],
-                vocab_size: int) -> dict[str, float]:
-    """The four arrays of one split (see dataset.py); returns its counts."""
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    n = len(inst)
-    token_dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
-    lengths = np.zeros(n, dtype=np.int64)
-    len_a = np.zeros(n, dtype=np.uint16)
-    pieces = []
-    for i in range(n):
-        ids, len_a[i] = materialize(docs, inst, i, special["cls"], special["sep"])
-        lengths[i] = len(ids)
-        pieces.append(ids.astype(token_dtype))
-    if n and int(lengths.max()) > seq_len:
-        raise AssertionError(f"an instance has {int(lengths.max())} tokens > seq_len {seq_len}")
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=token_dtype)
-    for name, arr in (("input_ids", tokens), ("offsets", offsets), ("len_a", len_a),
-                      ("nsp_label", inst.nsp_label.astype(np.int8))):
-        np.save(out / f"{name}.npy", arr)
-    nsp = inst.nsp_label[inst.nsp_label >= 0]
-    return {
-        "instances": n,
-        "tokens": int(offsets[-1]),
-        "real_token_fraction": float(offsets[-1] / (n * seq_len)) if n else 0.0,
-        "mean_length": float(lengths.mean()) if n else 0.0,
-        "nsp_random_ratio": float(nsp.mean()) if len(nsp) else 0.0,
-    }
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The stage
 # ----------------------------------------------------------------------------------------------------------------
-def _load_tokenizer(tok_path: Path) -> tuple[Any, dict[str, int], str, int]:
+def _load_tokenizer(tok_path: Path) -> tuple[dict[str, int], str, int]:
     from bertscale.tokenizer import load_tokenizer, special_ids, tokenizer_fingerprint
 
     tok = load_tokenizer(tok_path)
     if tok.truncation is not None:
-        log.warning("tokenizer %s truncates its inputs (%s): long sentences will be cut short", tok_path,
-                    tok.truncation)
-    return tok, special_ids(tok), tokenizer_fingerprint(tok), tok.get_vocab_size(with_added_tokens=True)
+        log.warning("tokenizer %s truncates its inputs (%s): truncation is switched off to build the data",
+                    tok_path, tok.truncation)
+    return special_ids(tok), tokenizer_fingerprint(tok), tok.get_vocab_size(with_added_tokens=True)
 
 
-def _tokenized_docs(cfg: PipelineConfig, corpus: Path, tok_path: Path, out: Path, unk_id: int, tok_fp: str
-                    ) -> tuple[TokenizedDocs, dict[str, int], str | None, int]:
-    """Tokenize (or reuse the cache), drop unusable documents; returns docs, counts, corpus sha, doc count."""
-    shards, empty_shards, corpus_sha = corpus_shards(corpus)
-    # The cache key names everything the tokenized data depends on; size and mtime catch a shard rewritten in
-    # place without a new manifest.
-    files = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in shards]
-    key = hashlib.sha256(json.dumps([corpus_sha, files, tok_fp, TOKENIZE_VERSION]).encode()).hexdigest()[:24]
-    num_proc = cfg.data.num_proc or os.cpu_count() or 1
-    ds = tokenize_corpus(shards, tok_path, unk_id, out / ".cache", num_proc, key)
-    table = ds.with_format("arrow")[:]
-    num_tokens = table.column("num_tokens").to_numpy()
-    keep, counts = keep_documents(num_tokens, table.column("unk_tokens").to_numpy(), cfg.data.max_unk_fraction)
-    docs = docs_from_arrow(table.column("input_ids")).select(keep)
-    sent_per_doc = np.diff(docs.doc_offsets)
-    counts.update(
-        empty_shards=empty_shards,
-        empty_sentences=int(table.column("empty_sentences").to_numpy().sum()),
-        one_sentence_docs=int((sent_per_doc == 1).sum()),
-        unk_tokens=int(table.column("unk_tokens").to_numpy()[keep].sum()),
-    )
-    return docs, counts, corpus_sha, len(table)
+def _worker_init() -> None:
+    # The processes are the parallelism: a tokenizer thread pool per process would only oversubscribe the cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
-def _build_phases(cfg: PipelineConfig, docs: TokenizedDocs, splits: dict[str, np.ndarray], out: Path,
-                  special: dict[str, int], vocab_size: int) -> dict[str, dict[str, dict]]:
-    """Write every phase and split; returns their counts as {seq_len: {split: counts}}."""
-    phases: dict[str, dict[str, dict]] = {}
-    for seq_len in cfg.data.seq_lengths:
-        phases[str(seq_len)] = {}
-        for code, split in enumerate(SPLITS):
-            # One generator per (phase, split): adding a phase never changes the instances of another.
-            rng = np.random.default_rng([cfg.data.seed, seq_len, code])
-            split_docs, inst, n_cut = make_instances(docs.select(splits[split]), cfg, seq_len, rng)
-            counts = write_split(split_dir(out, seq_len, split), split_docs, inst, seq_len, special, vocab_size)
-            phases[str(seq_len)][split] = {**counts, "documents": len(splits[split]), "long_sentences_cut": n_cut}
-            log.info("seq %d %s: %d instances, %d tokens", seq_len, split, counts["instances"], counts["tokens"])
-    return phases
+@contextmanager
+def process_map(num_proc: int) -> Iterator[Callable[[Callable, Iterable], Iterable]]:
+    """An ordered `map` over `num_proc` spawned processes (in this process when 1); stops them on errors."""
+    if num_proc <= 1:
+        yield map
+        return
+    ex = ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+    try:
+        yield ex.map
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _plan(cfg: PipelineConfig, shards: list[Path], tok_path: Path, out: Path, special: dict[str, int],
+          tok_fp: str, vocab_size: int) -> tuple[BuildSettings, list[ShardJob], list[PoolSample], str | None]:
+    """The jobs of every shard and of the B pool, each keyed by everything its output depends on."""
+    d = cfg.data
+    settings = BuildSettings(str(tok_path.resolve()), special, vocab_size, d.mode, tuple(d.seq_lengths),
+                             d.short_seq_prob, d.dupe_factor, d.heldout_fraction, d.seed, d.max_unk_fraction)
+    # Size and mtime catch a shard rewritten in place without a new manifest.
+    ids = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in shards]
+    common = [FORMAT_VERSION, tok_fp, {**settings.__dict__, "tok_path": None}]
+    pool_key, pool_jobs = None, []
+    if d.mode == "nsp":
+        pool_key = _key(common, ids, d.nsp_pool_documents)
+        window = 2 * max(d.seq_lengths)
+        pool_jobs = [PoolSample(k, str(p), n, settings.tok_path, special["unk"], d.seed, d.heldout_fraction,
+                                d.max_unk_fraction, window)
+                     for k, (p, n) in enumerate(zip(shards, per_shard_counts(d.nsp_pool_documents, len(shards))))]
+    pool_dir = str(out / "nsp_pool") if pool_key else None
+    jobs = [ShardJob(k, str(p), str(out), _key(common, k, ids[k], pool_key), settings, pool_dir)
+            for k, p in enumerate(shards)]
+    return settings, jobs, pool_jobs, pool_key
+
+
+def _build_shards(cfg: PipelineConfig, out: Path, jobs: list[ShardJob], pool_jobs: list[PoolSample],
+                  pool_key: str | None) -> list[dict]:
+    """The pool, then every shard; returns the shards' records in shard order."""
+    num_proc = max(1, min(cfg.data.num_proc or os.cpu_count() or 1, len(jobs)))
+    remove_stale(out / "shards", {shard_name(j.index) for j in jobs})
+    # Format 1 kept one array file per split in <out>/seq<L>/ and a datasets cache in <out>/.cache.
+    for old in [out / ".cache", *(p for p in out.glob("seq*") if p.name[3:].isdigit())]:
+        shutil.rmtree(old, ignore_errors=True)
+    records = []
+    with process_map(num_proc) as run:
+        if pool_key is not None:
+            pool = build_pool(out, pool_jobs, pool_key, run)
+            log.info("B pool: %d train, %d held-out documents", pool["train"], pool["heldout"])
+        for rec in run(build_shard, jobs):
+            records.append(rec)
+            log.info("shard %d/%d %s: %s", len(records), len(jobs), "verified, reused" if rec["reused"] else "built",
+                     rec["source"])
+    return records
+
+
+def _phase_totals(records: list[dict], seq_len: int, split: str) -> dict[str, Any]:
+    """Counts of one phase and split over all shards, and the shard list the reader follows."""
+    parts = [r["phases"][str(seq_len)][split] for r in records]
+    n, tokens = sum(p["instances"] for p in parts), sum(p["tokens"] for p in parts)
+    labelled, random_b = sum(p["nsp_labelled"] for p in parts), sum(p["nsp_random"] for p in parts)
+    shard_list = []
+    for k, (r, p) in enumerate(zip(records, parts)):
+        prefix = f"seq{seq_len}/{split}/"
+        sha = {rel[len(prefix):]: v for rel, v in r["files"].items() if rel.startswith(prefix)}
+        shard_list.append({"dir": f"shards/{shard_name(k)}/{prefix[:-1]}", "instances": p["instances"],
+                           "tokens": p["tokens"], "sha256": sha})
+    return {"instances": n, "tokens": tokens, "real_token_fraction": tokens / (n * seq_len) if n else 0.0,
+            "mean_length": tokens / n if n else 0.0, "nsp_random_ratio": random_b / labelled if labelled else 0.0,
+            "documents": sum(p["documents"] for p in parts),
+            "long_sentences_cut": sum(p["long_sentences_cut"] for p in parts), "shards": shard_list}
+
+
+def _stats(cfg: PipelineConfig, records: list[dict], empty_shards: int) -> tuple[dict, dict[str, Any]]:
+    """Phases for the manifest and the flat stats (document counts summed over shards)."""
+    keys = ("documents_input", "skipped_empty", "skipped_unk", "empty_sentences", "one_sentence_docs",
+            "unk_tokens", "corpus_tokens", "documents_train", "documents_heldout")
+    stats: dict[str, Any] = {k: sum(r["counts"][k] for r in records) for k in keys}
+    stats.update(documents=stats["documents_train"] + stats["documents_heldout"], empty_shards=empty_shards,
+                 shards=len(records), shards_reused=sum(r["reused"] for r in records))
+    phases = {str(L): {split: _phase_totals(records, L, split) for split in SPLITS} for L in cfg.data.seq_lengths}
+    for L, by_split in phases.items():
+        stats.update({f"seq{L}.{split}.{k}": v for split, c in by_split.items() for k, v in c.items()
+                      if k != "shards"})
+    return phases, stats
 
 
 def build_pretraining_data(cfg: PipelineConfig, corpus: str | Path | None = None,
@@ -318,16 +233,16 @@ def build_pretraining_data(cfg: PipelineConfig, corpus: str | Path | None = None
     out = cfg.stage_dir("data")
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # an interrupted rebuild must not look complete
-    _, special, tok_fp, vocab_size = _load_tokenizer(tok_path)
-    docs, counts, corpus_sha, n_input = _tokenized_docs(cfg, corpus_dir, tok_path, out, special["unk"], tok_fp)
-    min_docs = 2 if cfg.data.mode == "nsp" else 1
-    train_ids, held_ids = heldout_split(docs.num_docs, cfg.data.heldout_fraction, cfg.data.seed, min_docs)
-    phases = _build_phases(cfg, docs, {"train": train_ids, "heldout": held_ids}, out, special, vocab_size)
-    stats: dict[str, Any] = {"documents_input": n_input, "documents": docs.num_docs,
-                             "documents_train": len(train_ids), "documents_heldout": len(held_ids),
-                             "corpus_tokens": int(len(docs.tokens)), **counts}
-    for L, by_split in phases.items():
-        stats.update({f"seq{L}.{split}.{k}": v for split, c in by_split.items() for k, v in c.items()})
+    special, tok_fp, vocab_size = _load_tokenizer(tok_path)
+    shards, empty_shards, corpus_sha = corpus_shards(corpus_dir)
+    _, jobs, pool_jobs, pool_key = _plan(cfg, shards, tok_path, out, special, tok_fp, vocab_size)
+    phases, stats = _stats(cfg, _build_shards(cfg, out, jobs, pool_jobs, pool_key), empty_shards)
+    if stats["documents_train"] < (2 if cfg.data.mode == "nsp" else 1):
+        raise InputError(f"only {stats['documents_train']} usable training documents in {corpus_dir}: add "
+                         "documents or lower data.heldout_fraction")
+    if cfg.data.heldout_fraction > 0 and stats["documents_heldout"] == 0:
+        log.warning("no document was held out (data.heldout_fraction=%s): evaluation will be disabled",
+                    cfg.data.heldout_fraction)
     stats["seconds"] = time.perf_counter() - t0
     manifest = {
         "format": FORMAT_VERSION, "mode": cfg.data.mode, "seq_lengths": list(cfg.data.seq_lengths),
@@ -337,7 +252,8 @@ def build_pretraining_data(cfg: PipelineConfig, corpus: str | Path | None = None
         "phases": phases, "counts": {k: v for k, v in stats.items() if not k.startswith("seq")},
         "config": dump_config(cfg)["data"],
     }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(out / MANIFEST)
+    try:
+        write_json(out / MANIFEST, manifest)
+    except OSError as e:
+        raise InputError(f"cannot write {out / MANIFEST}: {e.strerror or e}; free disk space and re-run") from None
     return DataResult(output_dir=out, manifest=manifest, stats=stats)

@@ -1,21 +1,27 @@
 """Random access to the pretraining instances written by `build_pretraining_data`, over memory-mapped arrays.
 
-One split of one sequence-length phase lives in `<data>/seq<L>/<split>/`:
+The output is sharded, one output shard per corpus shard. One split of one sequence-length phase of shard k
+lives in `<data>/shards/<k>/seq<L>/<split>/`:
 
-- `input_ids.npy`  flat token ids of all instances back to back, [CLS]/[SEP] included (uint16 when the
+- `input_ids.npy`  flat token ids of the shard's instances back to back, [CLS]/[SEP] included (uint16 when the
   vocabulary fits, else uint32)
-- `offsets.npy`    int64 [N+1]: instance i is input_ids[offsets[i]:offsets[i+1]]
-- `len_a.npy`      uint16 [N]: length of [CLS] A [SEP]; token type 0 there and 1 after
-- `nsp_label.npy`  int8 [N]: 0 = B follows A, 1 = random B, -100 = packed sequence (no NSP)
+- `offsets.npy`    int64 [n+1]: instance i of the shard is input_ids[offsets[i]:offsets[i+1]] (64-bit, so a
+  shard may hold more than 2^31 tokens)
+- `len_a.npy`      uint16 [n]: length of [CLS] A [SEP]; token type 0 there and 1 after
+- `nsp_label.npy`  int8 [n]: 0 = B follows A, 1 = random B, -100 = packed sequence (no NSP)
 
-The arrays are opened on first access and reopened in a forked child, so a dataset object can be handed to
-worker processes before or after it was used.
+`manifest.json` lists, per phase and split, the shards in order with their instance counts and checksums; a
+global index i is in the shard whose cumulative count first exceeds i (`np.searchsorted`), so the reader holds
+one int64 per shard, not per instance. The arrays are opened on first access (at most `MAX_OPEN_SHARDS` at a
+time, as every memory map costs a kernel mapping) and reopened in a forked child, so a dataset object can be
+handed to worker processes before or after it was used.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,10 +31,12 @@ from bertscale.errors import ConfigError, InputError
 
 ARRAYS = ("input_ids", "offsets", "len_a", "nsp_label")
 MANIFEST = "manifest.json"
+SHARD_MARKER = "shard.json"  # written last into a shard's directory: its presence means the shard is complete
+MAX_OPEN_SHARDS = 256
 
 
-def split_dir(root: str | Path, seq_len: int, split: str) -> Path:
-    return Path(root) / f"seq{seq_len}" / split
+def shard_split_dir(shard_dir: str | Path, seq_len: int, split: str) -> Path:
+    return Path(shard_dir) / f"seq{seq_len}" / split
 
 
 def read_manifest(root: str | Path) -> dict:
@@ -53,24 +61,41 @@ class PretrainingDataset:
                 f"{self.root} has no phase with seq_len={self.seq_len} (built: {sorted(int(k) for k in phases)}); "
                 f"rebuild with data.seq_lengths including {self.seq_len}"
             )
-        self.dir = split_dir(self.root, self.seq_len, split)
-        missing = [a for a in ARRAYS if not (self.dir / f"{a}.npy").is_file()]
+        entry = phases[str(self.seq_len)][split]
+        if "shards" not in entry:
+            raise InputError(f"{self.root} was written by an older `bertscale data` (one array file per split): "
+                             "rebuild it")
+        self.dirs = [self.root / sh["dir"] for sh in entry["shards"]]
+        missing = [str(d / f"{a}.npy") for d in self.dirs for a in ARRAYS if not (d / f"{a}.npy").is_file()]
         if missing:
-            raise InputError(f"{self.dir} lacks {missing}: the data build did not finish; rebuild it")
-        self._arrays: dict[str, np.ndarray] | None = None
+            raise InputError(f"{missing[0]} is missing ({len(missing)} files in all): the data build did not "
+                             "finish or was moved; rebuild it")
+        # Cumulative instance counts: the only per-shard state, and int64 whatever the corpus size.
+        self.ends = np.cumsum([int(sh["instances"]) for sh in entry["shards"]], dtype=np.int64)
+        self._len = int(self.ends[-1]) if len(self.ends) else 0
+        self._open_shards: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self._pid: int | None = None
-        self._len = int(phases[str(self.seq_len)][split]["instances"])
 
-    def _open(self) -> dict[str, np.ndarray]:
+    def _shard(self, k: int) -> dict[str, np.ndarray]:
         # Memory maps are per process: reopen after a fork instead of sharing the parent's file handles.
-        if self._arrays is None or self._pid != os.getpid():
-            self._arrays = {a: np.load(self.dir / f"{a}.npy", mmap_mode="r") for a in ARRAYS}
-            self._pid = os.getpid()
-        return self._arrays
+        if self._pid != os.getpid():
+            self._open_shards, self._pid = OrderedDict(), os.getpid()
+        if k in self._open_shards:
+            self._open_shards.move_to_end(k)
+        else:
+            self._open_shards[k] = {a: np.load(self.dirs[k] / f"{a}.npy", mmap_mode="r") for a in ARRAYS}
+            if len(self._open_shards) > MAX_OPEN_SHARDS:
+                self._open_shards.popitem(last=False)
+        return self._open_shards[k]
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(shard, index inside the shard) of global instance i."""
+        k = int(np.searchsorted(self.ends, i, side="right"))
+        return k, i - (int(self.ends[k - 1]) if k else 0)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_arrays"], state["_pid"] = None, None  # pickled to a worker: reopen there
+        state["_open_shards"], state["_pid"] = OrderedDict(), None  # pickled to a worker: reopen there
         return state
 
     def __len__(self) -> int:
@@ -79,7 +104,8 @@ class PretrainingDataset:
     @property
     def lengths(self) -> np.ndarray:
         """Token count of every instance (for length statistics or length-grouped batching)."""
-        return np.diff(self._open()["offsets"])
+        parts = [np.diff(self._shard(k)["offsets"]) for k in range(len(self.dirs))]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     @property
     def special_ids(self) -> dict[str, int]:
@@ -127,11 +153,11 @@ class PretrainingDataset:
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not -self._len <= i < self._len:
-            raise IndexError(f"instance {i} out of range for {self._len} instances in {self.dir}")
-        i = int(i) % self._len
-        arr = self._open()
-        lo, hi = int(arr["offsets"][i]), int(arr["offsets"][i + 1])
+            raise IndexError(f"instance {i} out of range for {self._len} instances of seq{self.seq_len} {self.split}")
+        k, j = self.locate(int(i) % self._len)
+        arr = self._shard(k)
+        lo, hi = int(arr["offsets"][j]), int(arr["offsets"][j + 1])
         ids = np.asarray(arr["input_ids"][lo:hi], dtype=np.int64)
         types = np.zeros(hi - lo, dtype=np.int64)
-        types[int(arr["len_a"][i]) :] = 1
-        return {"input_ids": ids, "token_type_ids": types, "next_sentence_label": int(arr["nsp_label"][i])}
+        types[int(arr["len_a"][j]) :] = 1
+        return {"input_ids": ids, "token_type_ids": types, "next_sentence_label": int(arr["nsp_label"][j])}

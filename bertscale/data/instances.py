@@ -8,7 +8,8 @@ arrays are only materialised when the shards are written.
 
 The NSP algorithm follows google-research/bert `create_pretraining_data.py` (`create_instances_from_document`,
 `truncate_seq_pair`) with two deliberate differences, both noted where they happen: the random B document is
-drawn among the *other* documents (the reference retries 10 times and may fall back to the same document), and
+drawn among the *other* documents (the reference retries 10 times and may fall back to the same document;
+the data stage draws among a corpus-wide sample, see `nsp_pool.py`), and
 the short target length is redrawn for every instance (the reference draws it once per document).
 """
 
@@ -49,18 +50,33 @@ class TokenizedDocs:
 
     def select(self, doc_ids: np.ndarray) -> "TokenizedDocs":
         """The given documents, in the given order, as a new (copied) TokenizedDocs."""
-        sent_lo, sent_hi = self.doc_offsets[doc_ids], self.doc_offsets[doc_ids + 1]
-        sent_idx = _ranges(sent_lo, sent_hi)
-        tok_idx = _ranges(self.sent_offsets[sent_idx], self.sent_offsets[sent_idx + 1])
-        sent_len = self.sent_offsets[sent_idx + 1] - self.sent_offsets[sent_idx]
-        return TokenizedDocs(
-            tokens=self.tokens[tok_idx],
-            sent_offsets=np.concatenate([[0], np.cumsum(sent_len)]).astype(np.int64),
-            doc_offsets=np.concatenate([[0], np.cumsum(sent_hi - sent_lo)]).astype(np.int64),
-        )
+        return select_sentences(self, self.doc_offsets[doc_ids], self.doc_offsets[doc_ids + 1])
 
 
-def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+def select_sentences(docs: TokenizedDocs, sent_lo: np.ndarray, sent_hi: np.ndarray) -> TokenizedDocs:
+    """New documents made of the sentence ranges [sent_lo[i], sent_hi[i]) of `docs` (copied)."""
+    sent_idx = ranges(sent_lo, sent_hi)
+    tok_idx = ranges(docs.sent_offsets[sent_idx], docs.sent_offsets[sent_idx + 1])
+    sent_len = docs.sent_offsets[sent_idx + 1] - docs.sent_offsets[sent_idx]
+    return TokenizedDocs(
+        tokens=docs.tokens[tok_idx],
+        sent_offsets=np.concatenate([[0], np.cumsum(sent_len)]).astype(np.int64),
+        doc_offsets=np.concatenate([[0], np.cumsum(sent_hi - sent_lo)]).astype(np.int64),
+    )
+
+
+def concat_docs(parts: list[TokenizedDocs]) -> TokenizedDocs:
+    """Documents of several TokenizedDocs back to back (the data stage appends the B pool to a shard's docs)."""
+    tok_base = np.cumsum([0] + [len(p.tokens) for p in parts[:-1]], dtype=np.int64)
+    sent_base = np.cumsum([0] + [p.num_sentences for p in parts[:-1]], dtype=np.int64)
+    return TokenizedDocs(
+        tokens=np.concatenate([p.tokens for p in parts]),
+        sent_offsets=np.concatenate([[0]] + [p.sent_offsets[1:] + b for p, b in zip(parts, tok_base)]).astype(np.int64),
+        doc_offsets=np.concatenate([[0]] + [p.doc_offsets[1:] + b for p, b in zip(parts, sent_base)]).astype(np.int64),
+    )
+
+
+def ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """Concatenation of arange(lo[i], hi[i]) for every i, without a Python loop."""
     lengths = (hi - lo).astype(np.int64)
     total = int(lengths.sum())
@@ -170,12 +186,11 @@ def _target_length(max_num_tokens: int, short_seq_prob: float, rng: np.random.Ge
 
 
 def _random_b(
-    docs: TokenizedDocs, doc_index: int, target_b_length: int, rng: np.random.Generator
+    docs: TokenizedDocs, doc_index: int, target_b_length: int, rng: np.random.Generator,
+    candidates: "BCandidates | None" = None,
 ) -> tuple[int, int, int]:
     """A span of whole sentences from a random *other* document, grown until it reaches `target_b_length`."""
-    # Drawing among the D-1 other documents guarantees B never comes from A's document.
-    other = int(rng.integers(0, docs.num_docs - 1))
-    other += other >= doc_index
+    other = (candidates or BCandidates(0, docs.num_docs)).draw(doc_index, rng)
     s_lo, s_hi = int(docs.doc_offsets[other]), int(docs.doc_offsets[other + 1])
     start = s_lo + int(rng.integers(0, s_hi - s_lo))
     # First sentence whose end reaches start + target: the same stopping rule as the reference's loop.
@@ -183,6 +198,32 @@ def _random_b(
     stop = int(np.searchsorted(ends, docs.sent_offsets[start] + max(target_b_length, 1)))
     stop = min(stop, len(ends) - 1)
     return int(docs.sent_offsets[start]), int(ends[stop]), other
+
+
+@dataclass(frozen=True)
+class BCandidates:
+    """Where a random B may come from: documents [lo, hi) of the TokenizedDocs, never A's own document.
+
+    The data stage appends a sample of the whole corpus (the B pool) after a shard's own documents; `twin[d]`
+    is then the pool position holding a copy of source document d (-1 if none), so B can never be A's document
+    even when that document was also sampled into the pool.
+    """
+
+    lo: int
+    hi: int
+    twin: np.ndarray | None = None
+
+    def draw(self, doc_index: int, rng: np.random.Generator) -> int:
+        twin = int(self.twin[doc_index]) if self.twin is not None and doc_index < len(self.twin) else -1
+        excluded = sorted({e for e in (doc_index, twin) if self.lo <= e < self.hi})
+        n = self.hi - self.lo - len(excluded)
+        if n < 1:
+            raise ValueError("NSP instances need at least two documents (B must come from another document)")
+        # Drawing among the allowed positions and stepping over the excluded ones: one draw, no retries.
+        other = self.lo + int(rng.integers(0, n))
+        for e in excluded:
+            other += other >= e
+        return other
 
 
 class _NSPBalance:
@@ -207,11 +248,11 @@ class _NSPBalance:
 
 def nsp_instances_from_document(
     docs: TokenizedDocs, doc_index: int, max_seq_length: int, short_seq_prob: float, rng: np.random.Generator,
-    balance: _NSPBalance | None = None,
+    balance: _NSPBalance | None = None, candidates: BCandidates | None = None,
 ) -> list[tuple[int, int, int, int, int, int, int]]:
     """Devlin et al. sentence-pair instances of one document, as rows for `Instances.from_rows`."""
     balance = balance or _NSPBalance()
-    if docs.num_docs < 2:
+    if candidates is None and docs.num_docs < 2:
         raise ValueError("NSP instances need at least two documents (B must come from another document)")
     max_num_tokens = max_seq_length - 3  # [CLS] A [SEP] B [SEP]
     s_lo, s_hi = int(docs.doc_offsets[doc_index]), int(docs.doc_offsets[doc_index + 1])
@@ -225,7 +266,7 @@ def nsp_instances_from_document(
             a_end_sent = chunk_start + (int(rng.integers(1, n_chunk)) if n_chunk >= 2 else 1)
             a = (int(offs[chunk_start]), int(offs[a_end_sent]))
             if balance.choose_random(n_chunk == 1, rng):
-                b0, b1, doc_b = _random_b(docs, doc_index, target - (a[1] - a[0]), rng)
+                b0, b1, doc_b = _random_b(docs, doc_index, target - (a[1] - a[0]), rng, candidates)
                 label = 1
                 i = a_end_sent - 1  # put the unused sentences back for the next instance
             else:
@@ -239,16 +280,20 @@ def nsp_instances_from_document(
 
 
 def create_nsp_instances(
-    docs: TokenizedDocs, max_seq_length: int, short_seq_prob: float, dupe_factor: int, rng: np.random.Generator
+    docs: TokenizedDocs, max_seq_length: int, short_seq_prob: float, dupe_factor: int, rng: np.random.Generator,
+    num_sources: int | None = None, candidates: BCandidates | None = None,
 ) -> Instances:
-    """NSP instances of every document, `dupe_factor` passes with fresh random choices each time."""
+    """NSP instances of the first `num_sources` documents (default all), `dupe_factor` passes with fresh random
+    choices each time; random Bs come from `candidates` (default: every other document)."""
     if max_seq_length < 5:
         raise ValueError(f"max_seq_length must be >= 5 for [CLS] A [SEP] B [SEP], got {max_seq_length}")
     rows: list[tuple[int, int, int, int, int, int, int]] = []
     balance = _NSPBalance()
+    n_src = docs.num_docs if num_sources is None else num_sources
     for _ in range(dupe_factor):
-        for d in range(docs.num_docs):
-            rows.extend(nsp_instances_from_document(docs, d, max_seq_length, short_seq_prob, rng, balance))
+        for d in range(n_src):
+            rows.extend(nsp_instances_from_document(docs, d, max_seq_length, short_seq_prob, rng, balance,
+                                                    candidates))
     return Instances.from_rows(rows)
 
 
@@ -304,3 +349,58 @@ def materialize(docs: TokenizedDocs, inst: Instances, i: int, cls_id: int, sep_i
     b = docs.tokens[inst.b_start[i] : inst.b_end[i]]
     ids = np.concatenate([[cls_id], a, [sep_id], b, [sep_id]])
     return ids, len(a) + 2
+
+
+def materialize_all(docs: TokenizedDocs, inst: Instances, cls_id: int, sep_id: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`materialize` for every instance at once: flat token ids, int64 offsets [N+1] and len_a [N].
+
+    One gather over index ranges instead of a Python loop per instance: writing the arrays then costs about
+    what copying the tokens costs, which keeps the data stage close to the tokenizer's own speed.
+    """
+    n = len(inst)
+    if n == 0:
+        return np.zeros(0, dtype=docs.tokens.dtype), np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    cls_at, sep_at = len(docs.tokens), len(docs.tokens) + 1  # the two special tokens appended to the source
+    source = np.concatenate([docs.tokens, np.asarray([cls_id, sep_id], dtype=docs.tokens.dtype)])
+    packed = inst.nsp_label == NSP_IGNORE
+    seg_lo, seg_hi, seg_inst = [], [], []
+    if (~packed).any():
+        idx = np.flatnonzero(~packed)
+        one = np.ones(len(idx), dtype=np.int64)
+        # [CLS] A [SEP] B [SEP] as five ranges per instance, row-major.
+        lo = np.stack([one * cls_at, inst.a_start[idx], one * sep_at, inst.b_start[idx], one * sep_at], axis=1)
+        seg_lo.append(lo.ravel())
+        seg_hi.append((lo + np.stack([one, inst.a_end[idx] - inst.a_start[idx], one,
+                                      inst.b_end[idx] - inst.b_start[idx], one], axis=1)).ravel())
+        seg_inst.append(np.repeat(idx, 5))
+    if packed.any():
+        lo, hi, owner = _packed_segments(docs, inst, np.flatnonzero(packed), cls_at, sep_at)
+        seg_lo.append(lo), seg_hi.append(hi), seg_inst.append(owner)
+    lo, hi, owner = (np.concatenate(x) for x in (seg_lo, seg_hi, seg_inst))
+    order = np.argsort(owner, kind="stable")  # instances in their own order, segments in theirs
+    lo, hi, owner = lo[order], hi[order], owner[order]
+    lengths = np.bincount(owner, weights=hi - lo, minlength=n).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    len_a = np.where(packed, lengths, inst.a_end - inst.a_start + 2).astype(np.int64)
+    return source[ranges(lo, hi)], offsets, len_a
+
+
+def _packed_segments(docs: TokenizedDocs, inst: Instances, idx: np.ndarray, cls_at: int, sep_at: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ranges of packed instances `idx`: [CLS], then each document's piece of the span followed by a [SEP]."""
+    doc_start = docs.sent_offsets[docs.doc_offsets[:-1]]
+    doc_end = docs.sent_offsets[docs.doc_offsets[1:]]
+    s, e = inst.a_start[idx], inst.a_end[idx]
+    k_lo = np.searchsorted(doc_start, s, side="right") - 1  # the document holding the first token
+    k_hi = np.searchsorted(doc_start, e, side="left")  # one past the last document starting before the end
+    count = k_hi - k_lo
+    k = ranges(k_lo, k_hi)
+    owner = np.repeat(idx, count)
+    piece_lo = np.maximum(np.repeat(s, count), doc_start[k])
+    piece_hi = np.minimum(np.repeat(e, count), doc_end[k])
+    lo = np.stack([piece_lo, np.full(len(k), sep_at)], axis=1).ravel()
+    hi = np.stack([piece_hi, np.full(len(k), sep_at + 1)], axis=1).ravel()
+    first = 2 * np.concatenate([[0], np.cumsum(count)[:-1]])
+    lo, hi = np.insert(lo, first, cls_at), np.insert(hi, first, cls_at + 1)
+    return lo, hi, np.insert(np.repeat(owner, 2), first, idx)

@@ -1,4 +1,4 @@
-"""The pretraining-data stage on real text: corpus shards -> datasets tokenization -> memory-mapped instances."""
+"""The pretraining-data stage on real text: corpus shards -> tokenized shards -> memory-mapped instance shards."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from tokenizers.models import WordPiece
 
 from bertscale.config import PipelineConfig
 from bertscale.data import DistributedLoader, MLMCollator, PretrainingDataset, build_pretraining_data
-from bertscale.data.build import heldout_split
+from bertscale.data.documents import heldout_rows
+from bertscale.data.storage import file_sha256
 from bertscale.errors import ConfigError, InputError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -109,8 +110,17 @@ def test_manifest_and_counts(nsp_build, stage_inputs):
     assert s["documents"] == s["documents_train"] + s["documents_heldout"] == 602
     for L in ("32", "64"):
         for split in ("train", "heldout"):
-            assert m["phases"][L][split]["instances"] > 0
-    assert "seq 64 heldout" in nsp_build.summary()
+            entry = m["phases"][L][split]
+            assert entry["instances"] > 0
+            # One output shard per non-empty corpus shard, each listed with its counts and checksums.
+            assert len(entry["shards"]) == 2
+            assert sum(sh["instances"] for sh in entry["shards"]) == entry["instances"]
+            for sh in entry["shards"]:
+                assert set(sh["sha256"]) == {"input_ids.npy", "offsets.npy", "len_a.npy", "nsp_label.npy"}
+                for name, sha in sh["sha256"].items():
+                    assert file_sha256(nsp_build.output_dir / sh["dir"] / name) == sha
+                assert np.load(nsp_build.output_dir / sh["dir"] / "offsets.npy").dtype == np.int64
+    assert "seq 64 heldout" in nsp_build.summary() and "output shards: 2 (0 verified" in nsp_build.summary()
 
 
 @pytest.mark.parametrize("seq_len", [32, 64])
@@ -131,14 +141,15 @@ def test_instances_fit_and_carry_cls_sep_and_token_types(nsp_build, seq_len):
     assert ds.lengths.max() <= seq_len
 
 
-def test_rerun_reuses_the_tokenized_cache_and_is_deterministic(nsp_build, stage_inputs):
+def test_rerun_verifies_and_reuses_the_shards_and_is_deterministic(nsp_build, stage_inputs):
     corpus, tok = stage_inputs
-    before = {p: p.stat().st_mtime_ns for p in (nsp_build.output_dir / ".cache").rglob("cache-*.arrow")}
-    assert before, "the tokenized data was not cached"
+    shard_files = sorted((nsp_build.output_dir / "shards").rglob("*.npy"))
+    before = {p: p.stat().st_mtime_ns for p in shard_files}
+    assert len(before) == 2 * 2 * 4 * 2, "two non-empty corpus shards x two phases x two splits x four arrays"
     cfg = config(nsp_build.output_dir.parent, seq_lengths=[32, 64], heldout_fraction=0.05)
     again = build_pretraining_data(cfg, corpus=corpus, tokenizer=tok)
-    after = {p: p.stat().st_mtime_ns for p in (again.output_dir / ".cache").rglob("cache-*.arrow")}
-    assert after == before
+    assert again.stats["shards_reused"] == 2
+    assert {p: p.stat().st_mtime_ns for p in shard_files} == before
     assert again.manifest["phases"] == nsp_build.manifest["phases"]
     first = PretrainingDataset(again.output_dir, 64)[3]["input_ids"]
     assert first.tolist() == PretrainingDataset(nsp_build.output_dir, 64)[3]["input_ids"].tolist()
@@ -182,10 +193,26 @@ def test_our_batch_trains_transformers_bert(nsp_build):
 
 
 def test_heldout_split_is_by_document_and_deterministic():
-    train, held = heldout_split(1000, 0.02, seed=7, min_docs=2)
-    assert len(held) == 20 and not set(train) & set(held) and len(train) + len(held) == 1000
-    assert heldout_split(1000, 0.02, seed=7, min_docs=2)[1].tolist() == held.tolist()
-    assert heldout_split(1000, 0.02, seed=8, min_docs=2)[1].tolist() != held.tolist()
+    held = heldout_rows(100_000, 0.02, seed=7, shard=3)
+    assert 0.018 < held.mean() < 0.022
+    assert heldout_rows(100_000, 0.02, seed=7, shard=3).tolist() == held.tolist()
+    assert heldout_rows(100_000, 0.02, seed=8, shard=3).tolist() != held.tolist()
+    assert heldout_rows(100_000, 0.02, seed=7, shard=4).tolist() != held.tolist()
+
+
+def test_held_out_documents_never_reach_the_training_split(nsp_build):
+    """Each document's instances are in one split only (the B pool is split too): no held-out text in training."""
+    def doc_texts(split: str) -> set[tuple[int, ...]]:
+        ds = PretrainingDataset(nsp_build.output_dir, 64, split)
+        sep = ds.special_ids["sep"]
+        out = set()
+        for i in range(len(ds)):
+            ids = ds[i]["input_ids"].tolist()
+            a_end = ids.index(sep)
+            out.update({tuple(ids[1:a_end]), tuple(ids[a_end + 1 : -1])})
+        return {t for t in out if len(t) >= 12}
+
+    assert not doc_texts("train") & doc_texts("heldout")
 
 
 def test_bad_inputs_raise_clear_errors(stage_inputs, tmp_path):
@@ -293,3 +320,109 @@ def test_another_tokenizer_of_the_same_size_is_caught_at_start(nsp_build, stage_
     pad_moved = build_wordpiece({**vocab, "[PAD]": vocab[a], a: vocab["[PAD]"]})
     with pytest.raises(ConfigError, match=r"special token ids .*'pad': 0.*'pad': 100"):
         ds.check_compatible(ds.vocab_size, 512, tokenizer=pad_moved)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sharded, resumable, parallel output
+# ----------------------------------------------------------------------------------------------------------------
+def output_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted((root / "shards").rglob("*")) if p.is_file()}
+
+
+def test_output_is_identical_whatever_num_proc(stage_inputs, nsp_build, tmp_path):
+    corpus, tok = stage_inputs
+    cfg = config(tmp_path, seq_lengths=[32, 64], heldout_fraction=0.05, num_proc=2)
+    two = build_pretraining_data(cfg, corpus=corpus, tokenizer=tok)
+    assert two.manifest["phases"] == nsp_build.manifest["phases"]
+    ours, theirs = output_files(two.output_dir), output_files(nsp_build.output_dir)
+    assert ours.keys() == theirs.keys() and len(ours) > 30
+    assert [k for k in ours if ours[k] != theirs[k]] == []
+
+
+def test_a_killed_run_resumes_from_its_complete_shards(stage_inputs, nsp_build, tmp_path, monkeypatch):
+    corpus, tok = stage_inputs
+    cfg = config(tmp_path, seq_lengths=[32, 64], heldout_fraction=0.05)
+    import bertscale.data.build as build
+
+    real, built = build.build_shard, []
+
+    def killed_after_one(job):
+        if built:
+            raise KeyboardInterrupt  # the process dies while the second shard is being built
+        built.append(job.index)
+        return real(job)
+
+    monkeypatch.setattr(build, "build_shard", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        build_pretraining_data(cfg, corpus=corpus, tokenizer=tok)
+    out = cfg.stage_dir("data")
+    assert not (out / "manifest.json").exists()
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["00000"]
+    first = (out / "shards" / "00000" / "shard.json").stat().st_mtime_ns
+    # A half-written shard directory (no completion marker) and a temporary directory of the killed run.
+    (out / "shards" / "00001" / "seq32").mkdir(parents=True)
+    (out / "shards" / "00001" / "seq32" / "input_ids.npy").write_bytes(b"partial")
+    (out / "shards" / ".tmp-00001-4242").mkdir()
+    monkeypatch.setattr(build, "build_shard", real)
+    again = build_pretraining_data(cfg, corpus=corpus, tokenizer=tok)
+    assert again.stats["shards_reused"] == 1
+    assert (out / "shards" / "00000" / "shard.json").stat().st_mtime_ns == first
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["00000", "00001"]
+    assert output_files(out) == output_files(nsp_build.output_dir)
+
+
+def test_a_damaged_shard_is_rebuilt(stage_inputs, tmp_path):
+    corpus, tok = stage_inputs
+    cfg = config(tmp_path, mode="packed", seq_lengths=[32], heldout_fraction=0.05)
+    first = build_pretraining_data(cfg, corpus=corpus, tokenizer=tok)
+    target = first.output_dir / "shards" / "00001" / "seq32" / "train" / "input_ids.npy"
+    good = target.read_bytes()
+    target.write_bytes(good[:-2] + b"\x00\x01")
+    again = build_pretraining_data(cfg, corpus=corpus, tokenizer=tok)
+    assert again.stats["shards_reused"] == 1 and target.read_bytes() == good
+
+
+def test_an_unreadable_shard_fails_the_build_naming_it(stage_inputs, tmp_path):
+    _, tok = stage_inputs
+    rows = [doc_row(f"d{i}", f"Sentence number {i} is here. And another one follows it.") for i in range(3000)]
+    corpus = write_corpus(tmp_path / "corpus", [rows[:1500], rows[1500:]])
+    path = corpus / "shards" / "part-00001.parquet"
+    chunk = pq.ParquetFile(path).metadata.row_group(0).column(2)  # the `sentences` column
+    assert chunk.path_in_schema.startswith("sentences")
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    raw = bytearray(path.read_bytes())
+    raw[start : start + 64] = b"\xff" * 64  # its pages damaged, the footer intact: only reading the data finds it
+    path.write_bytes(bytes(raw))
+    cfg = config(tmp_path, seq_lengths=[32])
+    with pytest.raises(InputError, match=r"cannot read corpus shard .*part-00001\.parquet"):
+        build_pretraining_data(cfg, corpus=corpus, tokenizer=tok)
+    assert not (cfg.stage_dir("data") / "manifest.json").exists()
+
+
+def test_disk_full_is_an_input_error_and_nothing_is_complete(stage_inputs, tmp_path, monkeypatch):
+    corpus, tok = stage_inputs
+
+    def full(path, arr):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(np, "save", full)
+    cfg = config(tmp_path, seq_lengths=[32])
+    with pytest.raises(InputError, match=r"cannot write .*\.npy: No space left on device"):
+        build_pretraining_data(cfg, corpus=corpus, tokenizer=tok)
+    out = cfg.stage_dir("data")
+    assert not (out / "manifest.json").exists()
+    assert not list(out.rglob("shard.json")) and not list(out.rglob("pool.json"))
+
+
+def test_a_single_held_out_document_still_gets_nsp_pairs(stage_inputs, tmp_path):
+    """With fewer than two held-out documents there is no other held-out document to take B from: held-out
+    pairs borrow B from training text instead of failing (training never sees held-out text either way)."""
+    _, tok = stage_inputs
+    paras = [p for f in sorted(SAMPLE.glob("*.txt")) for p in paragraphs(f)][:40]
+    corpus = write_corpus(tmp_path / "corpus", [[doc_row(f"p{i}", p) for i, p in enumerate(paras)]])
+    fraction = next(f for f in np.arange(0.01, 0.2, 0.005) if heldout_rows(40, f, 12345, 0).sum() == 1)
+    result = build_pretraining_data(config(tmp_path, seq_lengths=[64], heldout_fraction=float(fraction)),
+                                    corpus=corpus, tokenizer=tok)
+    assert result.stats["documents_heldout"] == 1
+    held = PretrainingDataset(result.output_dir, 64, "heldout")
+    assert len(held) > 0 and {held[i]["next_sentence_label"] for i in range(len(held))} <= {0, 1}

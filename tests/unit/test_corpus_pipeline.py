@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import apache_beam as beam
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
@@ -17,14 +18,13 @@ from apache_beam.io.filesystem import FileMetadata, FileSystem
 from apache_beam.testing.util import assert_that, equal_to
 
 from bertscale.config import RunnerConfig, load_config
+from bertscale.corpus.dedup import UnionFind, by_bucket, candidates_in_bucket, exact_drops_in_bucket
+from bertscale.corpus.output import assign_shards
 from bertscale.corpus.pipeline import (
-    NUM_BUCKETS,
-    UnitKeys,
-    band_buckets,
+    StagePlan,
     build_graph,
-    candidates_in_bucket,
-    exact_buckets,
-    exact_drops_in_bucket,
+    connected_components,
+    dedup_buckets,
     run_corpus,
     run_plain,
     validate_runner,
@@ -61,17 +61,51 @@ def make_cfg(tmp_path: Path, inputs: list[Path], *extra: str):
                               "corpus.runner.num_workers=1", "corpus.target_shard_bytes=4096", *extra])
 
 
-def test_bucket_transforms_under_test_pipeline():
-    keys = [UnitKeys(0, exact=[("aa", "x#000000000001"), ("bb", "x#000000000002")], bands=[(5, "x#000000000001")]),
-            UnitKeys(1, exact=[("aa", "w#000000000000")], bands=[(5, "y#000000000000"), (6, "y#000000000000")])]
+def test_bucket_steps_keep_the_first_copy_and_pair_band_mates():
+    exact = [("aa", 5), ("bb", 7), ("aa", 2), ("aa", 9)]
+    groups = dict(by_bucket(exact, 4))
+    assert sorted(exact_drops_in_bucket(groups.values())) == [5, 9]  # "aa" keeps ref 2, the first in doc order
+    bands = [(11, 3), (11, 1), (12, 3), (11, 8), (13, 4)]
+    assert candidates_in_bucket([bands[:2], bands[2:]]) == [(1, 3), (1, 8), (3, 8)]
+
+
+def test_dedup_buckets_grow_with_the_input():
+    assert dedup_buckets(0) == dedup_buckets(64 * 2**20) == 32
+    assert dedup_buckets(8 * 2**30) == 256 and dedup_buckets(2**50) == 8192
+
+
+@pytest.mark.parametrize("rounds", [0, 1, 4])
+def test_connected_components_match_union_find_whatever_the_rounds(rounds):
+    """A chain longer than the rounds can resolve, a star, a clique and a pair: the residue step must finish what
+    the propagation rounds leave, so every round count gives the union-find answer."""
+    chain = [(i, i + 1) for i in range(100, 112)]
+    edges = chain[::-1] + [(50, 60), (50, 61), (50, 62), (7, 8), (8, 9), (7, 9), (300, 200)]
+    uf = UnionFind()
+    for a, b in edges:
+        uf.union(a, b)
+    expected = [(n, uf.find(n)) for n in uf.members()]
     with BeamTestPipeline() as p:
-        pc = p | beam.Create(keys)
-        drops = (pc | "E" >> beam.FlatMap(exact_buckets, NUM_BUCKETS) | "GE" >> beam.GroupByKey()
-                 | "D" >> beam.FlatMap(lambda kv: exact_drops_in_bucket(kv[1])))
-        pairs = (pc | "B" >> beam.FlatMap(band_buckets, NUM_BUCKETS) | "GB" >> beam.GroupByKey()
-                 | "C" >> beam.FlatMap(lambda kv: candidates_in_bucket(kv[1])))
-        assert_that(drops, equal_to(["x#000000000001"]), label="exact")
-        assert_that(pairs, equal_to([("x#000000000001", "y#000000000000")]), label="pairs")
+        labels, unconverged = connected_components(p | beam.Create(edges), rounds)
+        assert_that(labels, equal_to(expected), label="labels")
+        if rounds == 4:
+            assert_that(unconverged | beam.Map(lambda kv: kv[1] > 0), equal_to([True]), label="residue")
+
+
+def test_shard_slots_follow_the_offset_in_the_kept_text():
+    sizes = np.array([40, 70, 10, 300, 5])
+    slots = {k: v.tolist() for k, v in assign_shards(90, sizes, 100)}
+    assert slots == {0: [0], 1: [1], 2: [2, 3], 5: [4]}  # starts 90, 130, 200, 210, 510
+    # Placing a unit alone gives the same slots as placing it after its predecessors in one piece.
+    whole = {i - 1: k for k, v in assign_shards(0, np.concatenate([[90], sizes]), 100) for i in v.tolist() if i}
+    assert whole == {i: k for k, v in slots.items() for i in v}
+
+
+def test_a_document_bigger_than_a_shard_leaves_no_gap_in_shard_names(tmp_path, corpus_dir):
+    (corpus_dir / "books" / "long.txt").write_text(" ".join(article(20 + i) for i in range(8)))
+    result = run_plain(make_cfg(tmp_path, [corpus_dir]))
+    names = [s["name"] for s in result.manifest["shards"]]
+    assert names == [f"shards/part-{i:05d}.parquet" for i in range(len(names))]
+    assert sorted(p.name for p in (result.output_dir / "shards").iterdir()) == [n.split("/")[1] for n in names]
 
 
 def test_plain_run_writes_contract_outputs(tmp_path, corpus_dir):
@@ -98,15 +132,15 @@ def test_plain_run_writes_contract_outputs(tmp_path, corpus_dir):
 
 def test_beam_graph_output_equals_plain_run(tmp_path, corpus_dir):
     """The Beam graph under TestPipeline (in-memory runner) gives the same shards, byte for byte."""
-    from bertscale.corpus.pipeline import _run, finalize  # noqa: F401  (finalize is what both paths share)
+    from bertscale.corpus.pipeline import _run
 
     plain = run_plain(make_cfg(tmp_path / "plain", [corpus_dir]))
 
-    def engine(cfg, units, files, work_dir):
+    def engine(cfg, plan: StagePlan):
         with BeamTestPipeline() as p:
-            build_graph(p, units, files, cfg, work_dir)
+            build_graph(p, plan, cfg)
 
-    beam_result = _run(make_cfg(tmp_path / "beam", [corpus_dir]), False, engine)
+    beam_result = _run(make_cfg(tmp_path / "beam", [corpus_dir]), engine)
     assert beam_result.counts == plain.counts
     for shard in plain.manifest["shards"]:
         assert (beam_result.output_dir / shard["name"]).read_bytes() == (plain.output_dir / shard["name"]).read_bytes()
@@ -247,14 +281,14 @@ def test_stage_location_keeps_uris_and_stage_dir_refuses_them():
 # Failures that must not crash the job or leave a stale output behind
 # ---------------------------------------------------------------------------------------------------------------
 def test_a_record_that_breaks_processing_is_quarantined_not_fatal(tmp_path, corpus_dir, monkeypatch):
-    from bertscale.corpus import pipeline
+    from bertscale.corpus import units
 
     def split_or_fail(text, min_chars):
         if "Article 4 " in text:
             raise RecursionError("maximum recursion depth exceeded")
         return split_sentences(text, min_chars)
 
-    monkeypatch.setattr(pipeline, "split_sentences", split_or_fail)
+    monkeypatch.setattr(units, "split_sentences", split_or_fail)
     result = run_plain(make_cfg(tmp_path, [corpus_dir]))
     c = result.counts
     assert c["read"] == c["kept"] + c["filtered"] + c["duplicates"] + c["quarantined"]
@@ -264,16 +298,16 @@ def test_a_record_that_breaks_processing_is_quarantined_not_fatal(tmp_path, corp
 
 
 def test_a_reader_that_raises_is_quarantined_and_keeps_earlier_records(tmp_path, corpus_dir, monkeypatch):
-    from bertscale.corpus import pipeline
+    from bertscale.corpus import units
 
-    real = pipeline.read_unit
+    real = units.read_unit
 
     def read_then_fail(unit, cfg, counts):
         yield from real(unit, cfg, counts)
         if unit.file.path.endswith("d.jsonl.gz"):
             raise MemoryError("simulated")
 
-    monkeypatch.setattr(pipeline, "read_unit", read_then_fail)
+    monkeypatch.setattr(units, "read_unit", read_then_fail)
     result = run_plain(make_cfg(tmp_path, [corpus_dir]))
     c = result.counts
     assert c["read"] == c["kept"] + c["filtered"] + c["duplicates"] + c["quarantined"]

@@ -88,6 +88,19 @@ def test_parquet_column_and_row_positions(tmp_path):
     assert len(missing) == 1 and "no column 'text'" in missing[0].reason
 
 
+def test_big_parquet_is_split_by_row_groups_with_the_same_records(tmp_path):
+    rows = [f"document number {i} " + "x" * 200 for i in range(60)]
+    pq.write_table(pa.table({"text": rows, "id": list(range(60))}), tmp_path / "big.parquet", row_group_size=7,
+                   compression="none")
+    whole, _ = read_all(tmp_path / "big.parquet", bundle_bytes=2**20)
+    units = plan_units(expand_inputs([str(tmp_path / "big.parquet")]), CorpusConfig(bundle_bytes=1024))
+    assert len(units) > 3 and all(u.format == "parquet" for u in units)
+    assert [u.start for u in units[1:]] == [u.end for u in units[:-1]] and units[-1].end is None
+    split, _ = read_all(tmp_path / "big.parquet", bundle_bytes=1024)
+    assert [(r.position, r.text, r.metadata) for r in split] == [(r.position, r.text, r.metadata) for r in whole]
+    assert [r.position for r in split] == list(range(60))
+
+
 @pytest.mark.parametrize("suffix,compress", [
     (".gz", gzip.compress), (".bz2", bz2.compress), (".xz", lzma.compress),
     (".zst", lambda b: zstandard.ZstdCompressor().compress(b)),

@@ -15,6 +15,7 @@ from bertscale.data.instances import (
     create_packed_instances,
     inner_boundaries,
     materialize,
+    materialize_all,
     split_long_sentences,
     truncate_pair,
     truncation_amounts,
@@ -175,3 +176,21 @@ def test_no_documents_give_no_instances():
     assert empty.num_docs == 0
     assert len(create_nsp_instances(empty, 64, 0.1, 1, np.random.default_rng(0))) == 0
     assert len(create_packed_instances(split_long_sentences(empty, 62)[0], 64)) == 0
+
+
+@pytest.mark.parametrize("mode", ["nsp", "packed"])
+def test_materialize_all_equals_materialize_instance_by_instance(mode):
+    """The one-gather writer against the plain per-instance path, [SEP]s at document boundaries included."""
+    docs = synthetic_docs(40, seed=11)
+    if mode == "nsp":
+        inst = create_nsp_instances(docs, 48, 0.3, 2, np.random.default_rng(5))
+    else:
+        docs = split_long_sentences(docs, 46)[0]
+        inst = create_packed_instances(docs, 48)
+    inst = inst.take(np.random.default_rng(0).permutation(len(inst)))
+    tokens, offsets, len_a = materialize_all(docs, inst, CLS, SEP)
+    assert offsets.dtype == np.int64 and len(offsets) == len(inst) + 1
+    for i in range(len(inst)):
+        ids, la = materialize(docs, inst, i, CLS, SEP)
+        assert tokens[offsets[i] : offsets[i + 1]].tolist() == ids.tolist()
+        assert len_a[i] == la

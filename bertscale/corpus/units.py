@@ -1,0 +1,175 @@
+"""Per-unit work of the corpus stage: read, clean, filter, hash and sentence-split the documents of one work unit.
+
+A unit's kept documents go to its spill file (parquet, in the work directory every worker can reach); what leaves
+the unit through the pipeline is small: dedup keys with integer document references, counts and quarantine records.
+A document reference is `unit << 32 | row`, the document's row in its unit's spill file. Units are planned in
+document order and rows are written in position order, so integer order of references equals the canonical
+document order (`doc_sort_key`): "keep the smallest reference" keeps the first copy in the corpus, and comparing
+plain ints is cheaper in the shuffles than parsing string ids.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from bertscale.config import CorpusConfig
+from bertscale.corpus.cleaning import clean_text
+from bertscale.corpus.dedup import MinHasher, band_key_matrix, exact_key, lsh_params
+from bertscale.corpus.filters import build_rules, first_failed_rule
+from bertscale.corpus.output import SpillWriter, join, metadata_json
+from bertscale.corpus.readers import Record, Rejected, WorkUnit, make_doc_id, read_unit
+from bertscale.corpus.sentences import split_sentences
+
+log = logging.getLogger(__name__)
+_ROW_BITS = 32
+
+
+def doc_ref(unit: int, row: int) -> int:
+    return (unit << _ROW_BITS) | row
+
+
+def ref_unit(ref: int) -> int:
+    return ref >> _ROW_BITS
+
+
+def ref_row(ref: int) -> int:
+    return ref & ((1 << _ROW_BITS) - 1)
+
+
+def spill_path(work_dir: str, index: int) -> str:
+    return join(work_dir, "units", f"unit-{index:06d}.parquet")
+
+
+@dataclass
+class UnitResult:
+    """What a processed unit sends on: dedup keys with document references, counts, quarantine records."""
+
+    index: int
+    rows: int = 0  # documents in the unit's spill file
+    exact: list[tuple[str, int]] = field(default_factory=list)  # (exact key, doc ref)
+    bands: list[tuple[int, int]] = field(default_factory=list)  # (LSH band key, doc ref)
+    counts: dict[str, int] = field(default_factory=dict)
+    quarantine: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class _Passed:
+    """A document that passed the rules, waiting for its batch's MinHash signatures."""
+
+    doc_id: str
+    text: str
+    sentences: list[str]
+    metadata: str
+    exact: str | None
+
+
+@dataclass
+class _Batch:
+    docs: list[_Passed] = field(default_factory=list)
+    chars: int = 0
+
+
+class UnitProcessor:
+    """Reads, cleans, filters, splits and hashes the documents of one work unit.
+
+    Per-document work (cleaning, rules, sentences) runs document by document; MinHash and LSH band keys run in
+    numpy over batches of `BATCH` passed documents, which is where the per-document Python overhead would cost
+    most.
+    """
+
+    BATCH = 256  # documents per MinHash batch
+    BATCH_CHARS = 1 << 21  # or fewer, when their text reaches this: bounds the batch's numpy arrays
+
+    def __init__(self, cfg: CorpusConfig, work_dir: str) -> None:
+        self.cfg, self.work_dir = cfg, work_dir
+        self.rules = build_rules(cfg.filters)
+        d = cfg.dedup
+        self.hasher = MinHasher(d.num_perm, d.shingle_size, d.seed) if d.near else None
+        self.bands, self.rows = lsh_params(d.threshold, d.num_perm)
+
+    def __call__(self, index: int, unit: WorkUnit) -> UnitResult:
+        counts: Counter[str] = Counter()
+        result = UnitResult(index)
+        writer = SpillWriter(spill_path(self.work_dir, index))
+        batch = _Batch()
+        for item in guarded_records(unit, self.cfg, counts):
+            counts["read"] += 1
+            if isinstance(item, Record):
+                if item.invalid_bytes:
+                    counts["utf8_repaired_docs"] += 1
+                    counts["invalid_utf8_bytes"] += item.invalid_bytes
+                item = self._guarded_document(unit, item, counts, batch)
+            if isinstance(item, Rejected):
+                counts["quarantined"] += 1
+                result.quarantine.append({"file": unit.file.path, "position": item.position, "reason": item.reason})
+            if len(batch.docs) >= self.BATCH or batch.chars >= self.BATCH_CHARS:
+                self._flush(unit, batch, counts, result, writer)
+        self._flush(unit, batch, counts, result, writer)
+        writer.close()
+        result.rows, result.counts = writer.rows, dict(counts)
+        return result
+
+    def _guarded_document(self, unit: WorkUnit, record: Record, counts: Counter[str],
+                          batch: _Batch) -> Rejected | None:
+        """`_document`, with any error it raises turned into a quarantined record: one pathological document
+        must cost that document, not the whole job."""
+        try:
+            self._document(unit, record, counts, batch)
+        except Exception as err:
+            log.warning("corpus: %s position %d failed and is quarantined", unit.file.path, record.position,
+                        exc_info=True)
+            return Rejected(record.position, failure_reason("processing failed", err))
+        return None
+
+    def _document(self, unit: WorkUnit, record: Record, counts: Counter[str], batch: _Batch) -> None:
+        # Everything is computed before anything is recorded, so a failure part-way leaves no trace of the document.
+        text = clean_text(record.text, self.cfg.normalization, self.cfg.strip_markup)
+        rule = first_failed_rule(text, self.rules)
+        if rule is not None:
+            counts["filtered"] += 1
+            counts[f"filtered_{rule}"] += 1
+            return
+        exact = exact_key(text) if self.cfg.dedup.exact else None
+        sentences = split_sentences(text, self.cfg.min_sentence_chars)
+        batch.docs.append(_Passed(make_doc_id(unit.file.rel, record.position), text, sentences,
+                                  metadata_json(record.metadata), exact))
+        batch.chars += len(text)
+
+    def _flush(self, unit: WorkUnit, batch: _Batch, counts: Counter[str], result: UnitResult,
+               writer: SpillWriter) -> None:
+        """Hash a batch of passed documents and record them: spill rows, exact keys, band keys."""
+        if not batch.docs:
+            return
+        sigs = self.hasher.signatures([d.text for d in batch.docs]) if self.hasher is not None else None
+        keys = band_key_matrix(sigs, self.bands, self.rows).tolist() if sigs is not None else [[]] * len(batch.docs)
+        for i, doc in enumerate(batch.docs):
+            ref = doc_ref(result.index, writer.rows)
+            if doc.exact is not None:
+                result.exact.append((doc.exact, ref))
+            result.bands.extend((k, ref) for k in keys[i])
+            writer.add(doc.doc_id, doc.text, doc.sentences, unit.file.path, doc.metadata,
+                       None if sigs is None else sigs[i].tobytes())
+        counts["passed"] += len(batch.docs)
+        batch.docs, batch.chars = [], 0
+
+
+def failure_reason(what: str, err: BaseException) -> str:
+    first_line = (str(err).splitlines() or [""])[0]
+    return f"{what}: {type(err).__name__}: {first_line[:200]}"
+
+
+def guarded_records(unit: WorkUnit, cfg: CorpusConfig, counts: Counter[str]) -> Iterator[Record | Rejected]:
+    """`read_unit`, with an unexpected reader error turned into one rejected record (the records before it are
+    kept, as for a truncated archive) instead of an exception that fails the job."""
+    last = unit.start
+    try:
+        for item in read_unit(unit, cfg, counts):
+            last = item.position
+            yield item
+    except Exception as err:
+        log.warning("corpus: reading %s failed after position %d", unit.file.path, last, exc_info=True)
+        yield Rejected(last, failure_reason(f"reader failed after position {last}", err) + "; records before "
+                             "it were kept")
