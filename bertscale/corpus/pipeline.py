@@ -362,8 +362,11 @@ def build_graph(p, plan: StagePlan, cfg: CorpusConfig) -> None:
     records = (
         p | "Plan" >> beam.Create([("plan", {"units": len(plan.units), "buckets": plan.buckets})]),
         results | "UnitCounts" >> beam.Map(lambda r: ("counts", r.counts)),
-        exact_batches | "ExactCount" >> beam.Map(lambda kv: ("exact_duplicates", len(kv[1]))),
-        near | "NearCount" >> beam.Map(lambda _: ("near_duplicates", 1)),
+        # Counts are summed per key before the one-key gather: a record per duplicate (or per bucket and unit)
+        # would not stay small at scale.
+        exact_batches | "ExactCount" >> beam.Map(lambda kv: ("exact_duplicates", len(kv[1])))
+        | "SumExact" >> beam.CombinePerKey(sum),
+        near | "NearCount" >> beam.Map(lambda _: ("near_duplicates", 1)) | "SumNear" >> beam.CombinePerKey(sum),
         unconverged, shards, fingerprints,
     ) | "Records" >> beam.Flatten()
     summary = gather(records, "Summary") | "WriteSummary" >> beam.Map(write_summary,
