@@ -143,6 +143,10 @@ class TokenizerConfig(Section):
     strip_accents: bool | None = Field(None, description="None = follow `lowercase` (as BERT does).")
     handle_chinese_chars: bool = Field(True, description="Split CJK characters into single tokens.")
     batch_size: int = Field(1000, ge=1, description="Documents per batch while streaming shards to the trainer.")
+    sample_bytes: int | None = Field(
+        2**30, ge=1, description="Train on a seeded random sample of about this many bytes of text (None = all "
+        "of it). Bounds the trainer's time and memory on a large corpus; a gigabyte holds far more than a "
+        "30K-piece vocabulary needs (SentencePiece samples its input the same way).")
     heldout_docs: int = Field(200, ge=0, description="Documents held out for [UNK]-rate and tokens-per-word stats.")
     heldout_seed: int = Field(0, description="Seed of the random sample of held-out documents.")
     text_column: str = Field("text", description="Parquet column holding each document's text.")

@@ -20,9 +20,10 @@ import numpy as np
 
 
 
-def exact_key(text: str) -> str:
-    """Hash of the lowercased, whitespace-collapsed text: copies differing only in case or spacing collide."""
-    return hashlib.blake2b(" ".join(text.lower().split()).encode("utf-8"), digest_size=16).hexdigest()
+def exact_key(text: str) -> bytes:
+    """128-bit hash of the lowercased, whitespace-collapsed text: copies differing only in case or spacing
+    collide."""
+    return hashlib.blake2b(" ".join(text.lower().split()).encode("utf-8"), digest_size=16).digest()
 
 
 # A word ends at any byte <= 32: ASCII whitespace, and NUL, which separates documents in a batch. Cleaning removed
@@ -182,12 +183,6 @@ def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(a == b))
 
 
-def bucket_of(key: int | str, buckets: int) -> int:
-    """Stable bucket of a key (an int key, or the leading hex digits of a hex digest)."""
-    value = key if isinstance(key, int) else int(key[:12], 16)
-    return value % buckets
-
-
 def exact_duplicates(pairs: Iterable[tuple[str, str]], sort_key: Callable[[str], Hashable]) -> list[str]:
     """Given (exact_key, doc_id) pairs, the ids to drop: every copy but the smallest doc id of each key."""
     groups: dict[str, list[str]] = {}
@@ -250,29 +245,67 @@ def near_duplicates(
 # ------------------------------------------------------------------------------------------------------------
 # Bucket-level steps of the distributed graph (documents are integer references; smaller = earlier = kept)
 # ------------------------------------------------------------------------------------------------------------
-def by_bucket(pairs: Iterable[tuple[Any, int]], buckets: int) -> Iterator[tuple[int, list[tuple[Any, int]]]]:
-    """(key, ref) pairs batched by the key's bucket: one shuffle element per bucket instead of one per key."""
-    parts: dict[int, list[tuple[Any, int]]] = {}
-    for key, ref in pairs:
-        parts.setdefault(bucket_of(key, buckets), []).append((key, ref))
-    yield from parts.items()
+# Dedup keys travel through the shuffles as packed numpy records, not Python tuples: a local runner holds a
+# shuffle's values in memory, where a (key, ref) tuple of two ints costs ~120 bytes and a packed record 16 (24 for
+# an exact key). Keys are hashes, so their low bits pick the bucket.
+BAND_RECORD = np.dtype([("key", "<u8"), ("ref", "<i8")])
+EXACT_RECORD = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("ref", "<i8")])
 
 
-def exact_drops_in_bucket(groups: Iterable[list[tuple[str, int]]]) -> list[int]:
-    """References to drop among all (exact key, ref) batches of one bucket: every copy but the first."""
-    return exact_duplicates((pair for group in groups for pair in group), None)
+def band_records(keys: np.ndarray, refs: np.ndarray) -> np.ndarray:
+    """Records of a (documents x bands) key matrix and the documents' references."""
+    out = np.empty(keys.size, dtype=BAND_RECORD)
+    out["key"] = keys.reshape(-1)
+    out["ref"] = np.repeat(refs, keys.shape[1] if keys.ndim == 2 else 1)
+    return out
 
 
-def candidates_in_bucket(groups: Iterable[list[tuple[int, int]]]) -> list[tuple[int, int]]:
+def exact_records(digests: list[bytes], refs: np.ndarray) -> np.ndarray:
+    """Records of 16-byte exact keys and their documents' references."""
+    words = np.frombuffer(b"".join(digests), dtype="<u8").reshape(-1, 2)
+    out = np.empty(len(digests), dtype=EXACT_RECORD)
+    out["hi"], out["lo"], out["ref"] = words[:, 0], words[:, 1], refs
+    return out
+
+
+def by_bucket(records: np.ndarray, buckets: int) -> Iterator[tuple[int, bytes]]:
+    """Records batched by their key's bucket, packed: one small shuffle element per bucket."""
+    if not len(records):
+        return
+    key = records["key"] if "key" in records.dtype.names else records["lo"]
+    bucket = (key % np.uint64(buckets)).astype(np.int64)
+    order = np.argsort(bucket, kind="stable")
+    bucket, records = bucket[order], records[order]
+    starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
+    for start, end in zip(starts, [*starts[1:], len(bucket)]):
+        yield int(bucket[start]), records[start:end].tobytes()
+
+
+def _unpack(batches: Iterable[bytes], dtype: np.dtype) -> np.ndarray:
+    return np.concatenate([np.frombuffer(b, dtype=dtype) for b in batches] or [np.empty(0, dtype=dtype)])
+
+
+def exact_drops_in_bucket(batches: Iterable[bytes]) -> list[int]:
+    """References to drop among all packed exact-key batches of one bucket: every copy but the first."""
+    r = _unpack(batches, EXACT_RECORD)
+    r = r[np.lexsort((r["ref"], r["lo"], r["hi"]))]
+    repeat = (r["hi"][1:] == r["hi"][:-1]) & (r["lo"][1:] == r["lo"][:-1])
+    return r["ref"][1:][repeat].tolist()
+
+
+def candidates_in_bucket(batches: Iterable[bytes]) -> list[tuple[int, int]]:
     """Candidate pairs (a < b) among the documents sharing an LSH band key in one bucket."""
-    by_band: dict[int, list[int]] = {}
-    for group in groups:
-        for key, ref in group:
-            by_band.setdefault(key, []).append(ref)
+    r = np.unique(_unpack(batches, BAND_RECORD))  # sorted by (key, ref); a document counts once per key
+    key = r["key"]
+    shared = np.r_[key[1:] == key[:-1], False] | np.r_[False, key[1:] == key[:-1]]
+    r = r[shared]
+    if not len(r):
+        return []
+    starts = np.flatnonzero(np.r_[True, r["key"][1:] != r["key"][:-1]])
+    refs = r["ref"].tolist()
     pairs: set[tuple[int, int]] = set()
-    for refs in by_band.values():
-        if len(refs) > 1:
-            pairs.update(candidate_pairs(refs, None))
+    for start, end in zip(starts.tolist(), [*starts[1:].tolist(), len(refs)]):
+        pairs.update(candidate_pairs(refs[start:end], None))
     return sorted(pairs)
 
 

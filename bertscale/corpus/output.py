@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,18 +158,79 @@ def assign_shards(offset: int, sizes: np.ndarray, target_bytes: int) -> Iterator
         yield int(slot), np.flatnonzero(slots == slot)
 
 
-def write_shard(out_dir: str, index: int, tables: list[pa.Table]) -> ShardInfo:
-    """Serialize in memory (one shard is bounded by about target_shard_bytes), hash, then write the bytes once."""
-    table = pa.concat_tables(tables).select(SHARD_SCHEMA.names) if tables else SHARD_SCHEMA.empty_table()
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd", compression_level=1, row_group_size=_SHARD_ROW_GROUP,
-                   use_dictionary=False, write_statistics=True, store_schema=True)
-    data = sink.getvalue().to_pybytes()
+def read_spill_rows(path: str, rows: np.ndarray, columns: list[str]) -> Iterator[pa.Table]:
+    """The given rows (ascending) of a spill file, one spill row group at a time: memory stays bounded by a row
+    group, not by the unit."""
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+        spill = pq.ParquetFile(fh)
+        bounds = np.cumsum([0] + [spill.metadata.row_group(g).num_rows for g in range(spill.num_row_groups)])
+        groups = np.searchsorted(bounds, rows, side="right") - 1
+        for g in np.unique(groups):
+            wanted = rows[groups == g] - bounds[g]
+            yield spill.read_row_group(int(g), columns=columns).take(pa.array(wanted, type=pa.int64()))
+
+
+class _HashingSink:
+    """A write-only file that hashes and counts what passes through it to `fh`."""
+
+    def __init__(self, fh) -> None:
+        self.fh, self.sha256, self.size, self.closed = fh, hashlib.sha256(), 0, False
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.fh.write(data) or len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def write_shard(out_dir: str, index: int, chunks: Iterable[pa.Table]) -> ShardInfo:
+    """Stream a shard's rows (tables in document order) into fixed-size row groups, hashing as it writes.
+
+    Memory is bounded by a row group, not by the shard; the bytes equal a single `write_table` of all rows with
+    the same settings, so shards are identical whatever the chunking of their input.
+    """
     name = shard_name(index)
-    write_bytes(join(out_dir, name), data)
-    sentences = int(pc.sum(pc.list_value_length(table.column("sentences"))).as_py() or 0)
-    text_bytes = int(pc.sum(pc.binary_length(table.column("text"))).as_py() or 0)
-    return ShardInfo(name, table.num_rows, len(data), hashlib.sha256(data).hexdigest(), text_bytes, sentences)
+    rows = text_bytes = sentences = 0
+    with FileSystems.create(join(out_dir, name), compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+        sink = _HashingSink(fh)
+        writer = pq.ParquetWriter(sink, SHARD_SCHEMA, compression="zstd", compression_level=1,
+                                  use_dictionary=False, write_statistics=True, store_schema=True)
+        for group in _row_groups((chunk.select(SHARD_SCHEMA.names) for chunk in chunks), _SHARD_ROW_GROUP):
+            writer.write_table(group, row_group_size=_SHARD_ROW_GROUP)
+            rows += group.num_rows
+            sentences += int(pc.sum(pc.list_value_length(group.column("sentences"))).as_py() or 0)
+            text_bytes += int(pc.sum(pc.binary_length(group.column("text"))).as_py() or 0)
+        if not rows:
+            writer.write_table(SHARD_SCHEMA.empty_table())
+        writer.close()
+    return ShardInfo(name, rows, sink.size, sink.sha256.hexdigest(), text_bytes, sentences)
+
+
+def _row_groups(chunks: Iterable[pa.Table], size: int) -> Iterator[pa.Table]:
+    """Tables re-cut into groups of exactly `size` rows (the last one shorter), each one contiguous: the parquet
+    writer breaks pages at chunk boundaries, so the bytes would otherwise depend on how the input was chunked."""
+    held: list[pa.Table] = []
+    count = 0
+    for chunk in chunks:
+        while chunk.num_rows:
+            head = chunk.slice(0, size - count)
+            chunk = chunk.slice(head.num_rows)
+            held.append(head)
+            count += head.num_rows
+            if count == size:
+                yield pa.concat_tables(held).combine_chunks()
+                held, count = [], 0
+    if count:
+        yield pa.concat_tables(held).combine_chunks()
 
 
 # ------------------------------------------------------------------------------------------------------------

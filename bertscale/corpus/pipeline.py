@@ -38,7 +38,6 @@ from pathlib import Path
 
 import apache_beam as beam
 import numpy as np
-import pyarrow as pa
 
 from bertscale.config import CorpusConfig, PipelineConfig, is_uri
 from bertscale.corpus.dedup import (
@@ -62,6 +61,7 @@ from bertscale.corpus.output import (
     read_bytes,
     read_json,
     read_spill,
+    read_spill_rows,
     write_json,
     write_json_atomic,
     write_quarantine,
@@ -229,11 +229,9 @@ class WriteShardFn(beam.DoFn):
 
     def process(self, element: tuple[int, dict]) -> Iterator[tuple]:
         _, parts = element
-        tables = []
-        for unit, rows in sorted(parts["rows"]):
-            table = read_spill(spill_path(self.work_dir, unit), SHARD_SCHEMA.names)
-            tables.append(table.take(pa.array(rows, type=pa.int64())))
-        info = write_shard(self.out_dir, parts["rank"][0], tables)
+        chunks = (chunk for unit, rows in sorted(parts["rows"])
+                  for chunk in read_spill_rows(spill_path(self.work_dir, unit), np.asarray(rows), SHARD_SCHEMA.names))
+        info = write_shard(self.out_dir, parts["rank"][0], chunks)
         yield "shard", info.__dict__
 
 

@@ -151,6 +151,9 @@ def shipping_flags(runner: RunnerConfig) -> list[str]:
     return flags
 
 
+FN_API_RUNNER = "apache_beam.runners.portability.fn_api_runner.fn_runner.FnApiRunner"
+
+
 def beam_options(runner: RunnerConfig):
     """Pipeline options: the local DirectRunner in multi-processing mode (never Prism), or any runner's flags
     with what its workers need to install bertscale."""
@@ -159,6 +162,9 @@ def beam_options(runner: RunnerConfig):
     name = canonical_runner(runner.runner)
     args = [f"--runner={BOUNDED_DASK_RUNNER if name == 'DaskRunner' else runner.runner}"]
     if name == "DirectRunner":
+        # Beam's DirectRunner first tries Prism, downloading its binary where the network allows: name the
+        # multi-processing FnApiRunner itself, so the local runner is the same with or without a network.
+        args = [f"--runner={FN_API_RUNNER}"]
         workers = runner.num_workers or os.cpu_count() or 1
         args += ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
     if name == "DaskRunner":

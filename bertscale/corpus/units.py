@@ -17,7 +17,18 @@ from dataclasses import dataclass, field
 
 from bertscale.config import CorpusConfig
 from bertscale.corpus.cleaning import clean_text
-from bertscale.corpus.dedup import MinHasher, band_key_matrix, exact_key, lsh_params
+import numpy as np
+
+from bertscale.corpus.dedup import (
+    BAND_RECORD,
+    EXACT_RECORD,
+    MinHasher,
+    band_key_matrix,
+    band_records,
+    exact_key,
+    exact_records,
+    lsh_params,
+)
 from bertscale.corpus.filters import build_rules, first_failed_rule
 from bertscale.corpus.output import SpillWriter, join, metadata_json
 from bertscale.corpus.readers import Record, Rejected, WorkUnit, make_doc_id, read_unit
@@ -49,8 +60,8 @@ class UnitResult:
 
     index: int
     rows: int = 0  # documents in the unit's spill file
-    exact: list[tuple[str, int]] = field(default_factory=list)  # (exact key, doc ref)
-    bands: list[tuple[int, int]] = field(default_factory=list)  # (LSH band key, doc ref)
+    exact: np.ndarray = field(default_factory=lambda: np.empty(0, EXACT_RECORD))  # (exact key, doc ref) records
+    bands: np.ndarray = field(default_factory=lambda: np.empty(0, BAND_RECORD))  # (LSH band key, doc ref) records
     counts: dict[str, int] = field(default_factory=dict)
     quarantine: list[dict] = field(default_factory=list)
 
@@ -63,7 +74,7 @@ class _Passed:
     text: str
     sentences: list[str]
     metadata: str
-    exact: str | None
+    exact: bytes | None
 
 
 @dataclass
@@ -95,6 +106,8 @@ class UnitProcessor:
         result = UnitResult(index)
         writer = SpillWriter(spill_path(self.work_dir, index))
         batch = _Batch()
+        exact: list[np.ndarray] = []
+        bands: list[np.ndarray] = []
         for item in guarded_records(unit, self.cfg, counts):
             counts["read"] += 1
             if isinstance(item, Record):
@@ -106,10 +119,14 @@ class UnitProcessor:
                 counts["quarantined"] += 1
                 result.quarantine.append({"file": unit.file.path, "position": item.position, "reason": item.reason})
             if len(batch.docs) >= self.BATCH or batch.chars >= self.BATCH_CHARS:
-                self._flush(unit, batch, counts, result, writer)
-        self._flush(unit, batch, counts, result, writer)
+                self._flush(index, unit, batch, counts, writer, exact, bands)
+        self._flush(index, unit, batch, counts, writer, exact, bands)
         writer.close()
         result.rows, result.counts = writer.rows, dict(counts)
+        if exact:
+            result.exact = np.concatenate(exact)
+        if bands:
+            result.bands = np.concatenate(bands)
         return result
 
     def _guarded_document(self, unit: WorkUnit, record: Record, counts: Counter[str],
@@ -138,18 +155,19 @@ class UnitProcessor:
                                   metadata_json(record.metadata), exact))
         batch.chars += len(text)
 
-    def _flush(self, unit: WorkUnit, batch: _Batch, counts: Counter[str], result: UnitResult,
-               writer: SpillWriter) -> None:
+    def _flush(self, index: int, unit: WorkUnit, batch: _Batch, counts: Counter[str], writer: SpillWriter,
+               exact: list[np.ndarray], bands: list[np.ndarray]) -> None:
         """Hash a batch of passed documents and record them: spill rows, exact keys, band keys."""
         if not batch.docs:
             return
+        refs = doc_ref(index, writer.rows) + np.arange(len(batch.docs), dtype=np.int64)
         sigs = self.hasher.signatures([d.text for d in batch.docs]) if self.hasher is not None else None
-        keys = band_key_matrix(sigs, self.bands, self.rows).tolist() if sigs is not None else [[]] * len(batch.docs)
+        if sigs is not None:
+            bands.append(band_records(band_key_matrix(sigs, self.bands, self.rows), refs))
+        with_key = [i for i, doc in enumerate(batch.docs) if doc.exact is not None]
+        if with_key:
+            exact.append(exact_records([batch.docs[i].exact for i in with_key], refs[with_key]))
         for i, doc in enumerate(batch.docs):
-            ref = doc_ref(result.index, writer.rows)
-            if doc.exact is not None:
-                result.exact.append((doc.exact, ref))
-            result.bands.extend((k, ref) for k in keys[i])
             writer.add(doc.doc_id, doc.text, doc.sentences, unit.file.path, doc.metadata,
                        None if sigs is None else sigs[i].tobytes())
         counts["passed"] += len(batch.docs)

@@ -149,6 +149,29 @@ def _parquet_file(path: Path, column: str) -> pq.ParquetFile:
     return pf
 
 
+def text_bytes(path: Path, column: str = "text") -> int:
+    """About how many bytes of text a file holds: the text column's uncompressed size from the parquet footer
+    (values plus their 4-byte lengths), or a text file's size."""
+    if path.name.endswith(".parquet"):
+        meta = _parquet_file(path, column).metadata
+        index = meta.schema.names.index(column)
+        return sum(meta.row_group(g).column(index).total_uncompressed_size for g in range(meta.num_row_groups))
+    return path.stat().st_size
+
+
+def sampled(positions: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Which row positions belong to the training sample: a hash of (seed, position) against `fraction`, so the
+    choice of a row never depends on how the rows were batched."""
+    if fraction >= 1:
+        return np.ones(len(positions), dtype=bool)
+    with np.errstate(over="ignore"):
+        x = positions.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(seed & (2**64 - 1))
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x < np.uint64(int(fraction * 2**64))
+
+
 def count_documents(path: Path, column: str = "text", encoding: str = "utf-8") -> int:
     """Rows of a parquet file (from its footer) or blank-line separated blocks of a text file."""
     if path.name.endswith(".parquet"):
@@ -179,11 +202,13 @@ class CorpusStream:
     The sample is drawn over row positions, whose count is known up front from the parquet footers, so it is the
     same on every run with the same seed and no document is buffered beyond the held-out sample itself. A random
     sample, not the last rows: corpus shards are in source order, so the tail is one source's documents. Empty
-    files and empty or null documents are skipped and counted.
+    files and empty or null documents are skipped and counted. With `sample_bytes` smaller than the corpus, only
+    a seeded random sample of about that many bytes is trained on (`sampled`); the rest is counted as
+    `unsampled_docs`.
     """
 
     def __init__(self, files: list[Path], batch_size: int, heldout: int, column: str = "text",
-                 seed: int = 0) -> None:
+                 seed: int = 0, sample_bytes: int | None = None) -> None:
         self.files, self.batch_size, self.column = files, batch_size, column
         self.encodings = [txt_encoding(f) if f.name.endswith(".txt") else "utf-8" for f in files]
         for f, enc in zip(files, self.encodings):
@@ -196,9 +221,16 @@ class CorpusStream:
         self.heldout_positions = np.sort(np.random.default_rng([seed, 0x70CE]).choice(
             self.total_docs, size=self.heldout_target, replace=False))
         self.heldout: list[str] = []
+        self.seed = seed
+        total_bytes = sum(text_bytes(f, column) for f in files)
+        self.fraction = 1.0 if sample_bytes is None or total_bytes <= sample_bytes else sample_bytes / total_bytes
         self.counts = {"input_files": len(files), "non_utf8_files": sum(e != "utf-8" for e in self.encodings),
-                       "empty_files": 0, "empty_docs": 0, "train_docs": 0,
+                       "empty_files": 0, "empty_docs": 0, "train_docs": 0, "unsampled_docs": 0,
                        "train_chars": 0}
+
+    @property
+    def expected_train_docs(self) -> int:
+        return round((self.total_docs - self.heldout_target) * self.fraction)
 
     def __iter__(self) -> Iterator[list[str]]:
         position = 0
@@ -210,8 +242,14 @@ class CorpusStream:
             for batch in iter_document_batches(path, self.batch_size, self.column, encoding):
                 # Positions count rows, so empty rows count too.
                 train, held = self._split(batch, position)
-                position += len(batch)
                 self.counts["empty_docs"] += len(batch) - len(train) - len(held)
+                if self.fraction < 1:
+                    # Rows outside the sample read as empty; held-out rows stay held out either way.
+                    in_sample = sampled(np.arange(position, position + len(batch)), self.fraction, self.seed)
+                    sample, _ = self._split([d if keep else None for d, keep in zip(batch, in_sample)], position)
+                    self.counts["unsampled_docs"] += len(train) - len(sample)
+                    train = sample
+                position += len(batch)
                 self.heldout.extend(held)
                 if train:
                     self.counts["train_docs"] += len(train)
@@ -332,15 +370,19 @@ def train_tokenizer(cfg: PipelineConfig, corpus: str | Path | None = None) -> To
         return _import_pretrained(cfg, corpus)
     spec = corpus if corpus is not None else cfg.stage_dir("corpus")
     stream = CorpusStream(resolve_corpus_files(spec), tcfg.batch_size, tcfg.heldout_docs, tcfg.text_column,
-                          tcfg.heldout_seed)
+                          tcfg.heldout_seed, tcfg.sample_bytes)
     if stream.total_docs == 0:
         raise InputError(f"corpus {spec} holds no documents; check the corpus stage output (or --corpus)")
+    if stream.fraction < 1:
+        log.info("tokenizer: training on a %.1f%% sample of the corpus (tokenizer.sample_bytes=%d)",
+                 100 * stream.fraction, tcfg.sample_bytes)
     start = time.perf_counter()
-    tok = train_wordpiece(tcfg, iter(stream), length=stream.total_docs - stream.heldout_target)
+    tok = train_wordpiece(tcfg, iter(stream), length=stream.expected_train_docs)
     seconds = time.perf_counter() - start
     if stream.counts["train_docs"] == 0:
         raise InputError(f"corpus {spec} has no text to train on: all {stream.total_docs} documents are empty")
-    stats = {**heldout_stats(tok, stream.heldout), **stream.counts, "train_seconds": seconds}
+    stats = {**heldout_stats(tok, stream.heldout), **stream.counts, "sample_fraction": round(stream.fraction, 6),
+             "train_seconds": seconds}
     settings = {"lowercase": tcfg.lowercase, "strip_accents": tcfg.strip_accents,
                 "handle_chinese_chars": tcfg.handle_chinese_chars}
     result = save_tokenizer(tok, out_dir, stats, {"corpus": str(spec), "settings": settings})

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
@@ -18,8 +19,15 @@ from apache_beam.io.filesystem import FileMetadata, FileSystem
 from apache_beam.testing.util import assert_that, equal_to
 
 from bertscale.config import RunnerConfig, load_config
-from bertscale.corpus.dedup import UnionFind, by_bucket, candidates_in_bucket, exact_drops_in_bucket
-from bertscale.corpus.output import assign_shards
+from bertscale.corpus.dedup import (
+    UnionFind,
+    band_records,
+    by_bucket,
+    candidates_in_bucket,
+    exact_drops_in_bucket,
+    exact_records,
+)
+from bertscale.corpus.output import SHARD_SCHEMA, assign_shards, write_shard
 from bertscale.corpus.pipeline import (
     StagePlan,
     build_graph,
@@ -62,11 +70,32 @@ def make_cfg(tmp_path: Path, inputs: list[Path], *extra: str):
 
 
 def test_bucket_steps_keep_the_first_copy_and_pair_band_mates():
-    exact = [("aa", 5), ("bb", 7), ("aa", 2), ("aa", 9)]
+    digests = {name: hashlib.blake2b(name.encode(), digest_size=16).digest() for name in ("aa", "bb")}
+    keys, refs = ["aa", "bb", "aa", "aa"], np.array([5, 7, 2, 9])
+    exact = exact_records([digests[k] for k in keys], refs)
     groups = dict(by_bucket(exact, 4))
+    assert all(isinstance(batch, bytes) for batch in groups.values())
     assert sorted(exact_drops_in_bucket(groups.values())) == [5, 9]  # "aa" keeps ref 2, the first in doc order
-    bands = [(11, 3), (11, 1), (12, 3), (11, 8), (13, 4)]
-    assert candidates_in_bucket([bands[:2], bands[2:]]) == [(1, 3), (1, 8), (3, 8)]
+    bands = band_records(np.array([11, 11, 12, 11, 13], dtype=np.uint64), np.array([3, 1, 3, 8, 4]))
+    assert candidates_in_bucket([bands[:2].tobytes(), bands[2:].tobytes()]) == [(1, 3), (1, 8), (3, 8)]
+    batches = [batch for _, batch in by_bucket(bands, 2)]
+    assert candidates_in_bucket(batches) == [(1, 3), (1, 8), (3, 8)]
+
+
+def test_shard_bytes_do_not_depend_on_how_the_rows_arrive(tmp_path: Path):
+    rows = 2345
+    table = pa.table({"doc_id": [f"d{i}" for i in range(rows)], "text": [f"text {i} " * (i % 9 + 1) for i in range(rows)],
+                      "sentences": [[f"text {i}"] * (i % 3) for i in range(rows)], "source": ["s"] * rows,
+                      "metadata": ["{}"] * rows}, schema=SHARD_SCHEMA)
+    infos = []
+    for cuts in ([rows], [1, 999, 1000, 345], [7] * 335):
+        out = tmp_path / f"cut{len(cuts)}"
+        (out / "shards").mkdir(parents=True)
+        starts = np.cumsum([0, *cuts[:-1]])
+        infos.append(write_shard(str(out), 0, (table.slice(s, n) for s, n in zip(starts, cuts))))
+        assert pq.read_table(out / infos[-1].name).equals(table)
+    assert len({(i.sha256, i.bytes) for i in infos}) == 1
+    assert infos[0].rows == rows and infos[0].sentences == sum(i % 3 for i in range(rows))
 
 
 def test_dedup_buckets_grow_with_the_input():

@@ -26,6 +26,7 @@ from bertscale.tokenizer import (
     train_tokenizer,
     train_wordpiece,
 )
+from bertscale.tokenizer.wordpiece import text_bytes
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -190,6 +191,28 @@ def test_corpus_stream_holds_out_a_seeded_sample_and_counts_empties(tmp_path: Pa
     assert sorted(trained + stream.heldout, key=docs.index) == docs and trained == sorted(trained, key=docs.index)
     assert stream.counts["empty_files"] == 1
     assert stream.counts["empty_docs"] + stream.counts["train_docs"] + len(stream.heldout) == 42
+
+
+def test_training_sample_is_bounded_seeded_and_independent_of_batching(tmp_path: Path) -> None:
+    docs = [f"document number {i} " + "word " * (i % 7) for i in range(2000)]
+    files = [_write_parquet(tmp_path / f"{i}.parquet", docs[i * 500:(i + 1) * 500]) for i in range(4)]
+    total = sum(text_bytes(f) for f in files)
+
+    def trained(batch_size: int, sample: int | None) -> tuple[list[str], CorpusStream]:
+        stream = CorpusStream(files, batch_size=batch_size, heldout=20, seed=3, sample_bytes=sample)
+        return [d for batch in stream for d in batch], stream
+
+    everything, full = trained(64, None)
+    assert full.fraction == 1 and full.counts["unsampled_docs"] == 0 and len(everything) == 2000 - 20
+    quarter, stream = trained(64, total // 4)
+    assert stream.fraction == pytest.approx(0.25, rel=1e-6)
+    assert abs(len(quarter) - stream.expected_train_docs) < 80  # ~495 of 1980
+    assert set(quarter) <= set(everything) and set(quarter).isdisjoint(stream.heldout)
+    assert stream.counts["train_docs"] + stream.counts["unsampled_docs"] + len(stream.heldout) == 2000
+    assert trained(7, total // 4)[0] == quarter  # the sample does not depend on the batch size
+    assert CorpusStream(files, 64, 20, seed=4, sample_bytes=total // 4).heldout_target == 20
+    assert [d for b in CorpusStream(files, 64, 20, seed=4, sample_bytes=total // 4) for d in b] != quarter
+    assert trained(64, total * 2)[0] == everything  # a corpus smaller than the sample is used whole
 
 
 def test_heldout_sample_is_seeded_and_not_the_tail(tmp_path: Path) -> None:
