@@ -180,7 +180,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     cfg = _config(args, {"model": model, "train": train})
     if args.launcher == "none":
         from bertscale.train import pretrain
-        from bertscale.train.engine import exit_code
+        from bertscale.train.run import exit_code
 
         result = pretrain(cfg, data=args.data, tokenizer=args.tokenizer)
         print(result.summary())
@@ -216,7 +216,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from bertscale.train.checkpoint import export_checkpoint
+    from bertscale.model.weights import export_checkpoint
 
     if args.tokenizer and not Path(args.tokenizer).exists():
         raise BertscaleError(f"--tokenizer {args.tokenizer} does not exist")

@@ -24,7 +24,10 @@ from typing import Literal
 
 import psutil
 
+import bertscale
 from bertscale.config import PipelineConfig
+from bertscale.model import BertConfig, config_from_pipeline
+from bertscale.train import deepspeed_engine
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -56,15 +59,12 @@ class Report:
 
 def versions() -> dict[str, str]:
     """What must match across nodes for ranks to interoperate."""
-    import deepspeed
     import torch
-
-    import bertscale
 
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "deepspeed": deepspeed.__version__,
+        "deepspeed": deepspeed_engine.version(),
         "bertscale": bertscale.__version__,
         "cuda": str(torch.version.cuda),
     }
@@ -75,8 +75,6 @@ def checkpoint_bytes(cfg: PipelineConfig, vocab_size: int | None = None) -> int:
 
     The vocabulary is `vocab_size`, else the configured one (model.vocab_size, else tokenizer.vocab_size): the
     tokenizer may not exist yet when a node is checked."""
-    from bertscale.model import BertConfig, config_from_pipeline
-
     vocab = vocab_size or cfg.model.vocab_size or cfg.tokenizer.vocab_size
     config: BertConfig = config_from_pipeline(cfg, vocab)
     h, layers, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size

@@ -19,6 +19,7 @@ from typing import Any
 
 import bertscale
 from bertscale.config import PipelineConfig, dump_config, is_uri
+from bertscale.finetune.tasks import GLUE_TASKS, get_task
 
 MARKER = "_COMPLETE.json"
 PACKAGE_DIR = Path(bertscale.__file__).resolve().parent
@@ -87,8 +88,6 @@ def input_fingerprint(paths: list[str]) -> str:
 def task_inputs(cfg: PipelineConfig) -> list[str]:
     """The files the fine-tuning tasks read: a custom task's train/dev/test paths, a GLUE task's folder under
     finetune.glue_dir (and the AX folders with MNLI). Hub datasets have no local files."""
-    from bertscale.finetune.tasks import GLUE_TASKS, get_task
-
     custom = {c.name: c for c in cfg.finetune.custom_tasks}
     paths: list[str] = []
     for name in cfg.finetune.tasks:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bertscale.config import PipelineConfig, dump_config, flatten
+from bertscale.errors import BertscaleError
 
 log = logging.getLogger(__name__)
 
@@ -284,8 +285,6 @@ def resolve_model_uri(uri: str, dst: str | Path | None = None) -> Path:
     """Download the model behind `models:/name@alias` or `models:/name/version` and return its local dir."""
     from mlflow.exceptions import MlflowException
 
-    from bertscale.errors import BertscaleError
-
     if not uri.startswith("models:/"):
         raise BertscaleError(f"{uri!r} is not a registry URI (models:/name@alias or models:/name/version)")
     ref = uri.removeprefix("models:/")
@@ -321,8 +320,6 @@ def list_models() -> list[dict[str, Any]]:
 def show_model(name: str) -> dict[str, Any]:
     """Every version of a registered model: aliases, score, source run, tags."""
     from mlflow.exceptions import MlflowException
-
-    from bertscale.errors import BertscaleError
 
     client = _client()
     try:

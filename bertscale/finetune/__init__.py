@@ -2,13 +2,7 @@
 over tasks x grid x seeds with MLflow logging and Model Registry registration."""
 
 from bertscale.finetune.metrics import glue_average
-from bertscale.finetune.suite import (
-    SuiteResult,
-    TaskSummary,
-    resolve_checkpoint,
-    resolve_tokenizer,
-    run_finetune,
-)
+from bertscale.finetune.suite import SuiteResult, TaskSummary, resolve_tokenizer, run_finetune
 from bertscale.finetune.tasks import GLUE_TASKS, Hparams, TaskSpec, get_task, load_eval, load_test, load_train
 from bertscale.finetune.trainer import TaskResult, finetune_task
 
@@ -25,7 +19,6 @@ __all__ = [
     "load_eval",
     "load_test",
     "load_train",
-    "resolve_checkpoint",
     "resolve_tokenizer",
     "run_finetune",
 ]

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -24,13 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from bertscale import tracking
 from bertscale.config import FinetuneConfig, PipelineConfig
 from bertscale.errors import BertscaleError, ConfigError, InputError
 from bertscale.finetune import metrics as M
+from bertscale.finetune.encoding import load_checked_tokenizer
+from bertscale.finetune.plots import plot_confusion, plot_learning_curves
 from bertscale.finetune.tasks import GLUE_TASKS, Hparams, TaskSpec, get_task, hparams_for
 from bertscale.finetune.trainer import TaskResult, finetune_task
+from bertscale.model.weights import resolve_weights
+from bertscale.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -160,37 +164,6 @@ class SuiteResult:
 # ----------------------------------------------------------------------------------------------------------------
 # Inputs
 # ----------------------------------------------------------------------------------------------------------------
-def _is_hf_dir(p: Path) -> bool:
-    return (p / "config.json").is_file() and any((p / n).is_file() for n in (
-        "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"))
-
-
-def resolve_checkpoint(ref: str, export_dir: str | Path | None = None, cfg: PipelineConfig | None = None) -> Path:
-    """An HF-format model directory for `ref`: an HF dir as is; a DeepSpeed checkpoint dir exported with
-    `bertscale.train.export_checkpoint` (into `export_dir`); `models:/name@alias` or `models:/name/version`
-    downloaded from the MLflow registry (the one `cfg` points at, else MLflow's current one)."""
-    if ref.startswith("models:/"):
-        if cfg is not None:
-            tracking.configure(cfg)
-        return tracking.resolve_model_uri(ref, export_dir)
-    p = Path(ref)
-    if not p.exists():
-        raise InputError(f"checkpoint {ref} does not exist; pass an HF dir, a DeepSpeed checkpoint dir or "
-                         "models:/<name>@<alias>")
-    if p.is_dir() and _is_hf_dir(p):
-        return p
-    if p.is_file() and p.suffix == ".safetensors":
-        return p.parent
-    try:
-        from bertscale.train import export_checkpoint
-    except ImportError:
-        raise InputError(f"{p} is not an HF-format BERT dir (config.json + model.safetensors) and the "
-                         "DeepSpeed export is not available in this installation") from None
-    out = Path(export_dir) if export_dir else Path(tempfile.mkdtemp(prefix="bertscale-export-"))
-    log.info("exporting DeepSpeed checkpoint %s to %s", p, out)
-    return export_checkpoint(p, out)
-
-
 def resolve_tokenizer(checkpoint: Path, tokenizer: str | None, cfg: PipelineConfig) -> Path:
     """`tokenizer` when given (with a warning if the checkpoint has its own), else the checkpoint's own tokenizer
     files, else the pipeline's tokenizer stage output."""
@@ -252,8 +225,6 @@ def run_job(job: Job) -> TaskResult:
 
 
 def _init_worker(threads: int) -> None:
-    import torch
-
     # Workers share the cores: oversubscribed OpenMP threads spin and slow every worker down.
     torch.set_num_threads(threads)
 
@@ -354,49 +325,6 @@ def collect_submission(summaries: dict[str, TaskSummary], out: Path) -> tuple[Pa
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Plots (files, so that they can be logged as artifacts and opened anywhere)
-# ----------------------------------------------------------------------------------------------------------------
-def plot_learning_curves(summary: TaskSummary, path: Path) -> Path:
-    """Dev score per epoch for every seed of the chosen grid point, beside the training loss."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_dev) = plt.subplots(1, 2, figsize=(10, 4))
-    for r in summary.runs:
-        steps, losses = zip(*r.loss_curve) if r.loss_curve else ([h.step for h in r.history],
-                                                                  [h.train_loss for h in r.history])
-        ax_loss.plot(steps, losses, label=f"seed {r.seed}")
-        ax_dev.plot([h.epoch for h in r.history], [h.selection for h in r.history], marker="o", label=f"seed {r.seed}")
-    ax_loss.set(title=f"{summary.task}: training loss", xlabel="step", ylabel="loss")
-    ax_dev.set(title=f"{summary.task}: dev score", xlabel="epoch", ylabel="score")
-    ax_dev.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def plot_confusion(task: TaskSpec, matrix: list[list[int]], title: str, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4 + len(task.labels) * 0.5, 3.5 + len(task.labels) * 0.5))
-    ax.imshow(np.asarray(matrix), cmap="Blues")
-    ax.set(xticks=range(len(task.labels)), yticks=range(len(task.labels)), xticklabels=task.labels,
-           yticklabels=task.labels, xlabel="predicted", ylabel="true", title=title)
-    for (i, j), v in np.ndenumerate(np.asarray(matrix)):
-        ax.text(j, i, str(v), ha="center", va="center")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # MLflow
 # ----------------------------------------------------------------------------------------------------------------
 def _log_run(cfg: PipelineConfig, r: TaskResult, tags: Mapping[str, str]) -> str | None:
@@ -431,8 +359,6 @@ def register_best(cfg: PipelineConfig, s: TaskSummary, lineage: Mapping[str, str
 def _lineage(checkpoint: str, tokenizer: Path, extra: Mapping[str, str] | None) -> dict[str, str]:
     """Where the fine-tuned models come from: the pretraining run and checkpoint, the tokenizer's content hash
     (computed here from the tokenizer used, so it wins over a caller's tag of the same name)."""
-    from bertscale.tokenizer import load_tokenizer, tokenizer_fingerprint
-
     tags = {"bertscale.source_checkpoint": checkpoint,
             "bertscale.tokenizer_fingerprint": tokenizer_fingerprint(load_tokenizer(tokenizer))}
     if os.environ.get("BERTSCALE_PRETRAIN_RUN_ID"):
@@ -457,7 +383,7 @@ def log_suite(cfg: PipelineConfig, result: SuiteResult, run_ids: Mapping[int, st
     plots.mkdir(parents=True, exist_ok=True)
     for s in result.tasks.values():
         task = get_task(s.task, cfg.finetune.custom_tasks)
-        plot_learning_curves(s, plots / f"{s.task}-learning-curves.png")
+        plot_learning_curves(s.task, s.runs, plots / f"{s.task}-learning-curves.png")
         for split, matrix in s.best.confusion.items():
             plot_confusion(task, matrix, f"{split} (seed {s.best.seed})", plots / f"{split}-confusion.png")
     tracking.log_artifact(plots, "plots")
@@ -490,10 +416,8 @@ def run_finetune(cfg: PipelineConfig, checkpoint: str | None = None, tokenizer: 
                           "(an HF dir, a DeepSpeed checkpoint dir or models:/<name>@<alias>)")
     out = cfg.stage_dir("finetune")
     out.mkdir(parents=True, exist_ok=True)
-    model_path = resolve_checkpoint(ref, out / "checkpoint", cfg if cfg.tracking.enabled else None)
+    model_path = resolve_weights(ref, out / "checkpoint", cfg if cfg.tracking.enabled else None)
     tok_path = resolve_tokenizer(model_path, tokenizer, cfg)
-    from bertscale.finetune.trainer import load_checked_tokenizer
-
     load_checked_tokenizer(tok_path, model_path)  # a mismatch fails here, before any job starts
     jobs = build_jobs(cfg, model_path, tok_path, out)
     lineage = _lineage(ref, tok_path, tags)

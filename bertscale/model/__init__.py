@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bertscale.config import PipelineConfig
+from bertscale.errors import ConfigError
 from bertscale.model.bert import (
     SIZES,
     BertConfig,
@@ -43,8 +44,6 @@ def config_from_pipeline(cfg: PipelineConfig, vocab_size: int) -> BertConfig:
     """
     m = cfg.model
     if m.vocab_size is not None and m.vocab_size != vocab_size:
-        from bertscale.errors import ConfigError
-
         raise ConfigError(
             f"model.vocab_size={m.vocab_size} differs from the tokenizer's vocabulary size {vocab_size}: "
             "unset model.vocab_size or retrain the tokenizer with tokenizer.vocab_size="

@@ -11,6 +11,7 @@ import traceback
 from bertscale.config import load_config
 from bertscale.errors import BertscaleError
 from bertscale.train.distributed import PeerLostError
+from bertscale.train.run import exit_code, pretrain
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,8 +30,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
-    from bertscale.train.engine import exit_code, pretrain
-
     try:
         result = pretrain(load_config(args.config, args.overrides), data=args.data, tokenizer=args.tokenizer)
     except PeerLostError as e:

@@ -1,4 +1,4 @@
-"""Checkpoints: save/resume of the whole training state, integrity manifests, keep-last-K, stop signals, HF export.
+"""Checkpoints: save/resume of the whole training state, integrity manifests, keep-last-K, elastic conversion.
 
 A checkpoint is one DeepSpeed tag directory `<dir>/step00000123/` holding DeepSpeed's files (model, optimizer
 and scheduler states, ZeRO shards) plus ours: `trainer_state.json` (step, counters; rank 0),
@@ -32,28 +32,23 @@ import os
 import random
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import numpy as np
 import torch
 
 from bertscale.errors import BertscaleError, ConfigError, InputError
-from bertscale.train import distributed
+from bertscale.model.weights import MODEL_CONFIG
+from bertscale.train import deepspeed_engine, distributed
 from bertscale.train.distributed import DistEnv
 
 log = logging.getLogger(__name__)
 
 TAG_RE = re.compile(r"^step(\d{8})$")
 TRAINER_STATE = "trainer_state.json"
-MODEL_CONFIG = "bert_config.json"
 MANIFEST = "manifest.json"
 HASH_CHUNK = 1 << 22
 
@@ -277,7 +272,7 @@ class CheckpointManager:
         error = None
         if self.env.is_main and not (out / "zero").is_dir():
             shutil.rmtree(out, ignore_errors=True)
-            error = run_ds_to_universal(self.root / tag, out)
+            error = deepspeed_engine.convert_to_universal(self.root / tag, out)
         error = distributed.broadcast_object(error)
         if error:
             raise InputError(f"cannot convert {self.root / tag} to a universal checkpoint for a new number of "
@@ -294,21 +289,6 @@ class CheckpointManager:
         rank0 = torch.load(self.root / tag / "rank_0.pt", weights_only=False)
         rank0.pop("rng", None)
         return self.trainer_state(tag), rank0
-
-
-def run_ds_to_universal(tag_dir: Path, out: Path) -> str | None:
-    """DeepSpeed's `ds_to_universal` in a child process (it starts worker pools); None, or what went wrong."""
-    workers = str(max(1, min(4, os.cpu_count() or 1)))
-    # Our checkpoints do not carry Megatron's `universal_checkpoint_info`; the converter can add the default.
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-           "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", workers,
-           "--num_merge_workers", workers]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode == 0 and (out / "zero").is_dir():
-        log.info("converted %s to a universal checkpoint in %s", tag_dir, out)
-        return None
-    tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-    return f"ds_to_universal exited with {done.returncode}: {tail[0][:300]}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -444,106 +424,3 @@ def save_error_message(errors: list[tuple[int, int, str, str]], tag_dir: Path, p
     kept = (f"the previous checkpoint step {int(match.group(1))} is intact ({tag_dir.parent / previous})"
             if match and previous else "no earlier checkpoint exists")
     return f"checkpoint save failed: {what} ({detail}); {kept}"
-
-
-class StopSignal:
-    """Turns SIGTERM/SIGINT into a flag the loop polls, so it can checkpoint and exit between steps.
-
-    Launchers relay a stop, so one event often arrives twice (Ctrl-C reaches the ranks from the terminal and
-    again as SIGTERM from the launcher): repeats are ignored, except a SIGINT at least `force_after_s` after
-    the first signal, which restores the previous handler's behaviour (Ctrl-C pressed again kills).
-    """
-
-    def __init__(self, force_after_s: float = 2.0) -> None:
-        self.received: int | None = None
-        self.force_after_s = force_after_s
-        self._first_at = 0.0
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopSignal":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is None:
-            self.received, self._first_at = signum, time.monotonic()
-            log.warning("received %s: checkpointing after the current step, then stopping",
-                        signal.Signals(signum).name)
-        elif signum == signal.SIGINT and time.monotonic() - self._first_at >= self.force_after_s:
-            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-            signal.raise_signal(signum)
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Export
-# ----------------------------------------------------------------------------------------------------------------
-def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
-    """(checkpoint root, tag) from a root dir (its `latest`), a tag dir, or a train output dir."""
-    p = Path(path)
-    for root in (p, p / "checkpoints"):
-        if (root / "latest").is_file():
-            return root, (root / "latest").read_text().strip()
-    if (p / MODEL_CONFIG).is_file():
-        return p.parent, p.name
-    raise InputError(
-        f"{p} is not a bertscale checkpoint: expected a checkpoint dir with {MODEL_CONFIG}, or a directory whose "
-        "`latest` file names one (e.g. <workdir>/train/checkpoints)"
-    )
-
-
-def consolidated_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of a checkpoint: ZeRO shards merged (1-3) or the module's own state (stage 0)."""
-    tag_dir = root / tag
-    if any(tag_dir.glob("*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    model_file = tag_dir / "mp_rank_00_model_states.pt"
-    if not model_file.is_file():
-        raise InputError(f"{tag_dir} holds neither ZeRO shards nor {model_file.name}: the checkpoint is incomplete")
-    # Stage 0 keeps no fp32 copy on disk outside the optimizer, so bf16 runs export bf16-rounded weights.
-    module = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() for k, v in module.items()}
-
-
-def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, tokenizer: str | Path | None = None) -> Path:
-    """Write any checkpoint as a Hugging Face BERT dir (config.json + model.safetensors, + tokenizer files)."""
-    from bertscale.model import BertConfig, BertForPreTraining
-    from bertscale.model.hf import export_hf
-
-    root, tag = resolve_checkpoint(checkpoint_dir)
-    config = BertConfig.from_dict(json.loads((root / tag / MODEL_CONFIG).read_text()))
-    model = BertForPreTraining(config)
-    state = consolidated_state_dict(root, tag)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # The MLM decoder is tied to the word embeddings, so it may be stored under either name only.
-    missing = [k for k in missing if not k.startswith("cls.predictions.decoder.")]
-    if missing or unexpected:
-        raise InputError(f"checkpoint {root / tag} does not match its bert_config.json: missing {missing}, "
-                         f"unexpected {unexpected}")
-    out = Path(out_dir)
-    export_hf(model, out)
-    if tokenizer is not None:
-        copy_tokenizer_files(tokenizer, out)
-    return out
-
-
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def copy_tokenizer_files(tokenizer: str | Path, out: Path) -> list[str]:
-    """Copy the HF tokenizer files that exist beside the model, so `out` is a complete HF model dir."""
-    src = Path(tokenizer)
-    src_dir = src.parent if src.is_file() else src
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src_dir / name).is_file():
-            shutil.copy2(src_dir / name, out / name)
-            copied.append(name)
-    return copied

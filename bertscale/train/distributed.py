@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from bertscale.errors import BertscaleError
+from bertscale.train import deepspeed_engine
 
 log = logging.getLogger(__name__)
 
@@ -144,12 +145,8 @@ def shutdown() -> None:
     """
     if not dist.is_initialized():
         return
-    # DeepSpeed keeps the groups it derived from ours (world, data-parallel) in module globals; its own destroy
-    # drops them with ours, or the next engine in this process would use destroyed groups.
-    ds_comm = sys.modules.get("deepspeed.comm")
-    if ds_comm is not None and ds_comm.is_initialized():
-        ds_comm.destroy_process_group()
-    else:
+    # DeepSpeed's own destroy also drops the groups it derived from ours; without DeepSpeed, torch's.
+    if not deepspeed_engine.destroy_comm():
         dist.destroy_process_group()
 
 

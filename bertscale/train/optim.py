@@ -1,4 +1,5 @@
-"""Optimizers: AdamW (fused where the device supports it) and a small LAMB for ZeRO stage 0.
+"""Optimizers of pretraining and fine-tuning: AdamW (fused where the device supports it) and a small LAMB for
+ZeRO stage 0.
 
 DeepSpeed's FusedLamb needs CUDA and LAMB's per-tensor trust ratios do not survive ZeRO's flattened partitions,
 so LAMB is a plain torch optimizer here and the config rejects it with ZeRO >= 1.
@@ -8,11 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
 from bertscale.config import TrainConfig
+from bertscale.train import deepspeed_engine
 
 log = logging.getLogger(__name__)
 
@@ -82,17 +86,32 @@ def fused_adamw_supported(device: torch.device, dtype: torch.dtype = torch.float
         return False
 
 
-def build_optimizer(model: nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """The client optimizer handed to DeepSpeed. Its param groups are replaced by ZeRO's flat fp32 partitions,
-    which is why AdamW is probed with fp32: that is the dtype it will step."""
-    groups = param_groups(model, train.weight_decay)
-    if train.optimizer == "lamb":
-        return Lamb(groups, lr=train.lr, betas=tuple(train.betas), eps=train.eps)
-    if fused_adamw_supported(device):
-        return torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas), eps=train.eps, fused=True)
-    if device.type == "cpu":
-        # About 2.5x faster than torch's unfused AdamW on CPU (AVX kernels, built on first use).
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """Which optimizer and its hyper-parameters; pretraining reads them from `train`, fine-tuning from a task's."""
 
-        return DeepSpeedCPUAdam(groups, lr=train.lr, betas=tuple(train.betas), eps=train.eps, adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas), eps=train.eps)
+    lr: float
+    weight_decay: float
+    kind: Literal["adamw", "lamb"] = "adamw"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-6
+
+    @classmethod
+    def from_train(cls, train: TrainConfig) -> OptimizerSpec:
+        return cls(train.lr, train.weight_decay, train.optimizer, tuple(train.betas), train.eps)
+
+
+def build_optimizer(model: nn.Module, spec: OptimizerSpec | TrainConfig, device: torch.device
+                    ) -> torch.optim.Optimizer:
+    """The optimizer of both pretraining and fine-tuning, also the client optimizer handed to DeepSpeed. Under
+    ZeRO its param groups are replaced by flat fp32 partitions, which is why AdamW is probed with fp32: that is
+    the dtype it will step."""
+    s = OptimizerSpec.from_train(spec) if isinstance(spec, TrainConfig) else spec
+    groups = param_groups(model, s.weight_decay)
+    if s.kind == "lamb":
+        return Lamb(groups, lr=s.lr, betas=s.betas, eps=s.eps)
+    if fused_adamw_supported(device):
+        return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas, eps=s.eps, fused=True)
+    if device.type == "cpu":
+        return deepspeed_engine.cpu_adam(groups, lr=s.lr, betas=s.betas, eps=s.eps)
+    return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas, eps=s.eps)

@@ -2,13 +2,17 @@
 
 The schedule is BERT's: linear warmup from lr/warmup to the peak, then linear (or polynomial) decay to zero at
 the last step, one curve over all phases (the 128 -> 512 switch does not restart it). Step numbers count
-optimizer steps from 0; `lr_factor(s)` multiplies the peak lr for the update made at step s.
+optimizer steps from 0; `lr_factor(s)` multiplies the peak lr for the update made at step s. `build_scheduler`
+wraps it as the torch schedule that pretraining and fine-tuning both step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Literal
+
+import torch
 
 Decay = Literal["linear", "polynomial", "constant"]
 
@@ -32,6 +36,14 @@ def decay_factor(step: int, warmup_steps: int, total_steps: int, decay: Decay = 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, decay: Decay = "linear", power: float = 1.0) -> float:
     """Multiplier of the peak learning rate at optimizer step `step` (what `LambdaLR` calls)."""
     return warmup_factor(step, warmup_steps) * decay_factor(step, warmup_steps, total_steps, decay, power)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, decay: Decay = "linear",
+                    power: float = 1.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """`lr_factor` as a torch schedule on `optimizer` (pretraining and fine-tuning; DeepSpeed steps it with the
+    optimizer when it drives the update)."""
+    factor = partial(lr_factor, warmup_steps=warmup_steps, total_steps=total_steps, decay=decay, power=power)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def phase_boundaries(max_steps: int, phase_steps: Sequence[int] | None, num_phases: int) -> list[int]:

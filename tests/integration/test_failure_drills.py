@@ -25,7 +25,8 @@ from netns import TwoHosts, require_netns  # noqa: E402
 from test_multinode import config, launch_local, local_run, losses, start_on_hosts  # noqa: E402,F401
 from test_pretrain import clean_env, steps, workdir  # noqa: E402,F401 - shared fixtures
 
-from bertscale.train.checkpoint import CheckpointManager, CheckpointSaveError, consolidated_state_dict  # noqa: E402
+from bertscale.model.weights import consolidated_state_dict  # noqa: E402
+from bertscale.train.checkpoint import CheckpointManager, CheckpointSaveError  # noqa: E402
 from bertscale.train.distributed import EXIT_PEER_LOST, DistEnv  # noqa: E402
 
 TIMEOUT_S = 8  # train.collective_timeout_s of the drills
@@ -202,9 +203,9 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(workdir, tmp_path
 
 def test_read_only_checkpoint_dir_keeps_the_previous_checkpoint(workdir, tmp_path, small_mount, clean_env,
                                                                  monkeypatch):
-    from bertscale.train import engine, pretrain
+    from bertscale.train import loop, pretrain
 
-    real_forward, calls = engine.forward, {"n": 0}
+    real_forward, calls = loop.forward, {"n": 0}
 
     def remount_after_first_checkpoint(eng, batch):
         calls["n"] += 1
@@ -213,7 +214,7 @@ def test_read_only_checkpoint_dir_keeps_the_previous_checkpoint(workdir, tmp_pat
             calls["n"] = 100
         return real_forward(eng, batch)
 
-    monkeypatch.setattr(engine, "forward", remount_after_first_checkpoint)
+    monkeypatch.setattr(loop, "forward", remount_after_first_checkpoint)
     out = tmp_path / "train"
     with pytest.raises(CheckpointSaveError, match="read-only file system") as err:
         pretrain(config(workdir, out, "train.checkpoint_every=2", "train.max_steps=6", "train.zero_stage=1"))

@@ -15,10 +15,13 @@ from conftest import make_keyword_task
 
 from bertscale import tracking
 from bertscale.config import CustomTaskConfig, PipelineConfig
-from bertscale.finetune import get_task, load_eval, resolve_checkpoint, run_finetune
+from bertscale.finetune import get_task, load_eval, run_finetune
 from bertscale.finetune.suite import TaskSummary, register_best, summarize
 from bertscale.finetune.tasks import Hparams
-from bertscale.finetune.trainer import EpochRecord, TaskResult, encode_split, predict, prepare_tokenizer
+from bertscale.finetune.encoding import encode_split, prepare_tokenizer
+from bertscale.finetune.evaluation import predict
+from bertscale.finetune.trainer import EpochRecord, TaskResult
+from bertscale.model.weights import resolve_weights
 from bertscale.model import BertForSequenceClassification
 from bertscale.model.hf import load_pretrained
 from bertscale.tokenizer import load_tokenizer
@@ -54,7 +57,7 @@ def test_finetune_register_resolve_load(yesno: tuple[CustomTaskConfig, Path], tm
     first = run_finetune(cfg, checkpoint=str(ckpt))
     assert cfg.tracking_uri().startswith("sqlite:///")
     assert first.registered == {"rt-yesno": "1"} and first.promotions["rt-yesno"].startswith("champion")
-    local = resolve_checkpoint("models:/rt-yesno@champion", tmp_path / "resolved", cfg)
+    local = resolve_weights("models:/rt-yesno@champion", tmp_path / "resolved", cfg)
     assert (local / "model.safetensors").is_file() and (local / "tokenizer.json").is_file()
     np.testing.assert_array_equal(_predictions(local, task), _predictions(first.tasks["yesno"].best.model_dir, task))
     client = mlflow.tracking.MlflowClient()

@@ -114,8 +114,8 @@ def adam_step(tag_dir: Path) -> int:
 
 
 def test_elastic_restart_two_ranks_to_one_and_back(workdir, local_run, tmp_path, clean_env, monkeypatch):
-    from bertscale.train import engine, pretrain
-    from bertscale.train.checkpoint import consolidated_state_dict
+    from bertscale.model.weights import consolidated_state_dict
+    from bertscale.train import loop, pretrain
 
     ref = steps(local_run)
     # 2 -> 1: the step-6 checkpoint of the 2-rank run, resumed on 1 rank (in this process) with twice the
@@ -123,7 +123,7 @@ def test_elastic_restart_two_ranks_to_one_and_back(workdir, local_run, tmp_path,
     one = tmp_path / "one-rank"
     rewind(local_run, one, 6)
     saved = consolidated_state_dict(one / "checkpoints", "step00000006")
-    real_forward, seen = engine.forward, {}
+    real_forward, seen = loop.forward, {}
 
     def check_weights_once(eng, batch):
         if not seen:  # the weights the first resumed step starts from
@@ -131,7 +131,7 @@ def test_elastic_restart_two_ranks_to_one_and_back(workdir, local_run, tmp_path,
             seen["max_diff"] = max((live[k] - v).abs().max().item() for k, v in saved.items() if k in live)
         return real_forward(eng, batch)
 
-    monkeypatch.setattr(engine, "forward", check_weights_once)
+    monkeypatch.setattr(loop, "forward", check_weights_once)
     result = pretrain(config(workdir, one, "train.grad_accum=2", "train.checkpoint_every=1"))
     assert result.final_step == 8 and seen["max_diff"] == 0.0  # the 2-rank weights, exactly
     got = steps(one)

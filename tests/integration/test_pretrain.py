@@ -242,9 +242,9 @@ def test_zero_shards_consolidate_to_the_same_weights(stage_runs):
 # In-process, one rank
 # ----------------------------------------------------------------------------------------------------------------
 def test_nonfinite_losses_are_skipped_then_abort(workdir, tmp_path, clean_env, monkeypatch):
-    from bertscale.train import engine, pretrain
+    from bertscale.train import loop, pretrain
 
-    real_forward = engine.forward
+    real_forward = loop.forward
     calls = {"n": 0}
 
     def flaky_forward(eng, batch):
@@ -254,7 +254,7 @@ def test_nonfinite_losses_are_skipped_then_abort(workdir, tmp_path, clean_env, m
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(engine, "forward", flaky_forward)
+    monkeypatch.setattr(loop, "forward", flaky_forward)
     threads = set(threading.enumerate())
     result = pretrain(config(workdir, tmp_path / "nan", "train.max_steps=5", "train.max_bad_steps=3",
                              "train.zero_stage=1"))
@@ -267,7 +267,7 @@ def test_nonfinite_losses_are_skipped_then_abort(workdir, tmp_path, clean_env, m
         out.loss = out.loss * float("inf")
         return out
 
-    monkeypatch.setattr(engine, "forward", always_nan)
+    monkeypatch.setattr(loop, "forward", always_nan)
     with pytest.raises(BertscaleError, match="3 consecutive non-finite losses"):
         pretrain(config(workdir, tmp_path / "diverged", "train.max_steps=5", "train.max_bad_steps=3"))
     assert_left_as_found(threads)
@@ -283,9 +283,9 @@ def assert_left_as_found(threads_before: set[threading.Thread]) -> None:
 
 
 def test_sigterm_checkpoints_and_stops(workdir, tmp_path, clean_env, monkeypatch):
-    from bertscale.train import engine, pretrain
+    from bertscale.train import loop, pretrain
 
-    real_forward = engine.forward
+    real_forward = loop.forward
     calls = {"n": 0}
 
     def terminated_forward(eng, batch):
@@ -294,7 +294,7 @@ def test_sigterm_checkpoints_and_stops(workdir, tmp_path, clean_env, monkeypatch
             os.kill(os.getpid(), signal.SIGTERM)
         return real_forward(eng, batch)
 
-    monkeypatch.setattr(engine, "forward", terminated_forward)
+    monkeypatch.setattr(loop, "forward", terminated_forward)
     out = tmp_path / "term"
     result = pretrain(config(workdir, out, "train.max_steps=50", "train.checkpoint_every=100",
                              "train.zero_stage=0"))
@@ -364,9 +364,9 @@ def test_rank0_logs_metrics_into_the_mlflow_run_named_by_the_env(workdir, tmp_pa
 def test_export_loads_in_transformers_with_equal_logits(reference_run):
     transformers = pytest.importorskip("transformers")
     from bertscale.model import BertConfig, BertForPreTraining
-    from bertscale.train.checkpoint import MODEL_CONFIG, consolidated_state_dict, resolve_checkpoint
+    from bertscale.model.weights import MODEL_CONFIG, consolidated_state_dict, locate_checkpoint
 
-    root, tag = resolve_checkpoint(reference_run)
+    root, tag = locate_checkpoint(reference_run)
     ours = BertForPreTraining(BertConfig.from_dict(json.loads((root / tag / MODEL_CONFIG).read_text())))
     ours.load_state_dict(consolidated_state_dict(root, tag), strict=False)
     theirs, info = transformers.BertForPreTraining.from_pretrained(reference_run / "hf", output_loading_info=True)

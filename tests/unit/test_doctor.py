@@ -6,8 +6,6 @@ import socket
 import threading
 from pathlib import Path
 
-import pytest
-
 from bertscale import doctor
 from bertscale.config import load_config
 

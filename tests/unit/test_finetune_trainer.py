@@ -13,16 +13,16 @@ import torch
 from bertscale.config import CustomTaskConfig, TokenizerConfig
 from bertscale.errors import ConfigError
 from bertscale.finetune.tasks import Hparams, get_task, load_eval
-from bertscale.finetune.trainer import (
+from bertscale.finetune.encoding import (
     Encoded,
     collate,
     encode_split,
-    finetune_task,
     length_grouped_batches,
     load_checked_tokenizer,
-    predict,
     prepare_tokenizer,
 )
+from bertscale.finetune.evaluation import predict
+from bertscale.finetune.trainer import finetune_task
 from bertscale.model import BertConfig, BertForPreTraining, BertForSequenceClassification
 from bertscale.model.hf import export_hf, load_pretrained
 from bertscale.tokenizer import build_wordpiece, load_tokenizer, save_tokenizer, train_wordpiece

@@ -274,7 +274,7 @@ def test_gpu_peak_table(name, precision, expected):
 def test_an_unknown_gpu_gives_no_mfu_instead_of_crashing(monkeypatch, caplog):
     from bertscale.config import TrainConfig
     from bertscale.model import flops
-    from bertscale.train.engine import make_throughput
+    from bertscale.train.metrics import make_throughput
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Quantum X9")
     with caplog.at_level("WARNING"):

@@ -18,13 +18,13 @@ from bertscale.train.checkpoint import (
     MODEL_CONFIG,
     TRAINER_STATE,
     CheckpointManager,
-    StopSignal,
-    resolve_checkpoint,
     rng_state,
     set_rng_state,
     tag_for,
 )
+from bertscale.model.weights import locate_checkpoint
 from bertscale.train.distributed import DistEnv
+from bertscale.train.signals import StopSignal
 
 
 def fake_checkpoints(root: Path, steps: list[int], latest: int | None) -> None:
@@ -51,14 +51,14 @@ def test_latest_ignores_a_pointer_to_an_incomplete_checkpoint(tmp_path):
     assert CheckpointManager(tmp_path, 1, DistEnv()).latest() is None
 
 
-def test_resolve_checkpoint_from_output_root_or_tag_dir(tmp_path):
+def test_locate_checkpoint_from_output_root_or_tag_dir(tmp_path):
     ckpts = tmp_path / "train" / "checkpoints"
     fake_checkpoints(ckpts, [3, 6], latest=6)
-    assert resolve_checkpoint(tmp_path / "train") == (ckpts, tag_for(6))
-    assert resolve_checkpoint(ckpts) == (ckpts, tag_for(6))
-    assert resolve_checkpoint(ckpts / tag_for(3)) == (ckpts, tag_for(3))
+    assert locate_checkpoint(tmp_path / "train") == (ckpts, tag_for(6))
+    assert locate_checkpoint(ckpts) == (ckpts, tag_for(6))
+    assert locate_checkpoint(ckpts / tag_for(3)) == (ckpts, tag_for(3))
     with pytest.raises(InputError, match="not a bertscale checkpoint"):
-        resolve_checkpoint(tmp_path)
+        locate_checkpoint(tmp_path)
 
 
 def test_stop_signal_sets_a_flag_and_restores_handlers():

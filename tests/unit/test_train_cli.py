@@ -12,7 +12,7 @@ from bertscale.cli import main
 from bertscale.model import BertConfig, BertForPreTraining
 from bertscale.model.hf import load_pretrained
 from bertscale.train.checkpoint import MODEL_CONFIG, tag_for
-from bertscale.train.engine import TrainResult
+from bertscale.train.run import TrainResult
 
 
 def stage0_checkpoint(root: Path, step: int = 3) -> BertForPreTraining:

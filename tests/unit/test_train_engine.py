@@ -12,15 +12,9 @@ from torch import nn
 
 from bertscale.config import PipelineConfig, TrainConfig
 from bertscale.errors import BertscaleError, ConfigError
-from bertscale.train.engine import (
-    STATS,
-    BadSteps,
-    Throughput,
-    build_ds_config,
-    micro_stats,
-    step_metrics,
-    truncate_steps,
-)
+from bertscale.train.deepspeed_engine import build_ds_config
+from bertscale.train.loop import BadSteps
+from bertscale.train.metrics import STATS, Throughput, micro_stats, step_metrics, truncate_steps
 from bertscale.train.optim import Lamb, build_optimizer, param_groups
 
 
@@ -126,8 +120,8 @@ def test_build_optimizer_picks_lamb_or_adamw():
 def test_time_budget_and_checkpoint_minutes_raise_the_control_flags():
     import time as _time
 
-    from bertscale.train.checkpoint import StopSignal
-    from bertscale.train.engine import Trainer
+    from bertscale.train.loop import Trainer
+    from bertscale.train.signals import StopSignal
 
     now = _time.monotonic()
     trainer = SimpleNamespace(t=TrainConfig(max_minutes=1.0, checkpoint_minutes=0.5))
@@ -177,7 +171,7 @@ def test_peer_failure_becomes_one_clear_line_naming_the_peer():
 
 @pytest.mark.parametrize(("position", "old", "new", "expected"), [(48, 2, 1, 96), (96, 1, 2, 48), (10, 3, 2, 15)])
 def test_loader_position_is_resplit_over_a_new_world_size(position, old, new, expected):
-    from bertscale.train.engine import reshard_loader_state
+    from bertscale.train.resume import reshard_loader_state
 
     state = {"epoch": 2, "position": position, "seed": 7, "world_size": old, "collator": {"rng": 1}}
     got = reshard_loader_state(state, old, new)

@@ -10,9 +10,12 @@ import torch
 
 from bertscale.config import load_config
 from bertscale.model import PretrainingOutput
-from bertscale.train import engine as engine_mod
+from bertscale.train import deepspeed_engine
+from bertscale.train import loop as loop_mod
 from bertscale.train.distributed import DistEnv
-from bertscale.train.engine import MetricsSink, Phase, Throughput, Trainer
+from bertscale.train.loop import Trainer
+from bertscale.train.metrics import MetricsSink, Throughput
+from bertscale.train.phases import Phase
 
 
 class StubEngine:
@@ -67,14 +70,14 @@ class FakeCheckpoints:
 
     def save(self, engine, step, state, rank_state, model_config):
         self.state = {**state, "step": step}
-        return engine_mod.Path(f"/nonexistent/step{step:08d}")
+        return loop_mod.Path(f"/nonexistent/step{step:08d}")
 
     def load(self, engine, tag):
         return self.state, {"loaders": [{}]}
 
 
 def test_overflow_skipped_updates_are_counted_logged_and_resumed(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine_mod, "forward", fake_forward)
+    monkeypatch.setattr(loop_mod, "forward", fake_forward)
     cfg = load_config(overrides=["tracking.enabled=false", "train.grad_accum=2", "train.max_steps=4",
                                  "train.log_every=2", "train.eval_every=1000", "train.checkpoint_every=1000",
                                  "train.zero_stage=2"])
@@ -104,4 +107,4 @@ def test_overflow_skipped_updates_are_counted_logged_and_resumed(tmp_path, monke
 def test_without_fp16_no_loss_scale_is_logged(monkeypatch):
     eng = StubEngine(1, set())
     monkeypatch.setattr(eng, "fp16_enabled", lambda: False)
-    assert engine_mod.loss_scale(eng) is None
+    assert deepspeed_engine.loss_scale(eng) is None

@@ -19,7 +19,7 @@ from bertscale.train.checkpoint import (
     write_manifest,
 )
 from bertscale.train.distributed import DistEnv
-from bertscale.train.engine import plan_resume
+from bertscale.train.resume import plan_resume
 
 
 def checkpoint(root: Path, step: int, **state) -> None:
