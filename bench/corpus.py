@@ -36,23 +36,9 @@ from bertscale.corpus.dedup import MinHasher  # noqa: E402
 from bertscale.corpus.filters import build_rules, first_failed_rule  # noqa: E402
 from bertscale.corpus.readers import Record, expand_inputs, plan_units, read_unit  # noqa: E402
 from bertscale.corpus.units import UnitProcessor  # noqa: E402
+from bench.common import cpu_facts  # noqa: E402
 
 SHARED = Path(os.environ.get("BERTSCALE_SHARED_DATA", REPO.parent / "shared" / "data"))
-
-
-def cpu_facts() -> dict:
-    """CPU model and the bf16-related flags, from /proc/cpuinfo (machines differ between runs)."""
-    model, flags = "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model == "unknown":
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    bf16 = sorted(f for f in flags if "bf16" in f)
-    return {"model": model, "cores": os.cpu_count(), "bf16_flags": bf16}
 
 
 def reference_loop(paths: list[str]) -> tuple[float, int, int]:

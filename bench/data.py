@@ -28,7 +28,6 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,55 +37,24 @@ from bertscale.config import PipelineConfig  # noqa: E402
 from bertscale.data import build_pretraining_data  # noqa: E402
 from bertscale.data.build import corpus_shards  # noqa: E402
 from bertscale.tokenizer import load_tokenizer  # noqa: E402
+from bench.common import cpu_facts, raw_documents, write_corpus  # noqa: E402
 
 SHARED = Path(os.environ.get("BERTSCALE_SHARED_DATA", REPO.parent / "shared" / "data"))
 GOAL_RATIO = 0.6
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
-def cpu_info() -> dict[str, object]:
-    """CPU model and bf16 support flags, as /proc/cpuinfo states them (machines differ between runs)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {"model": "unknown", "bf16_flags": []}
-    model = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    flags = set((re.search(r"^flags\s*:\s*(.+)$", text, re.M) or re.search("()", "")).group(1).split())
-    return {"model": model.group(1) if model else "unknown", "cores": os.cpu_count(),
-            "bf16_flags": sorted(f for f in flags if "bf16" in f)}
-
-
-def _documents(root: Path, max_files: int) -> list[list[str]]:
-    """Sentences of the WikiExtractor articles / blank-line paragraphs of the first `max_files` files."""
-    docs = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file())[:max_files]:
-        text = path.read_text(encoding="utf-8", errors="replace")
-        blocks = re.findall(r"<doc [^>]*>\n(.*?)</doc>", text, flags=re.S) if text.startswith("<doc ") else \
-            re.split(r"\n\s*\n", text)
-        for block in blocks:
-            lines = [ln.strip() for ln in block.strip().split("\n")[1 if text.startswith("<doc ") else 0:]]
-            docs.append([s for ln in lines if ln for s in SENTENCE_END.split(ln) if s])
-    return docs
-
-
 def prepare_corpus(src: Path, work: Path, max_files: int, shard_docs: int) -> Path:
-    """`src` itself if it is a corpus stage dir, else its raw files converted into parquet shards."""
+    """`src` itself if it is a corpus stage dir, else its raw files converted into parquet shards of sentences."""
     if (src / "manifest.json").is_file():
         return src
-    docs = _documents(src, max_files)
+    docs = raw_documents(src, max_files)
     if not docs:
         raise SystemExit(f"no .txt or WikiExtractor files under {src}")
-    out = work / "corpus"
-    (out / "shards").mkdir(parents=True)
-    shards = []
-    for n, start in enumerate(range(0, len(docs), shard_docs)):
-        chunk = docs[start : start + shard_docs]
-        name = f"shards/part-{n:05d}.parquet"
-        pq.write_table(pa.table({"doc_id": [str(start + i) for i in range(len(chunk))], "sentences": chunk}),
-                       out / name)
-        shards.append({"name": name, "rows": len(chunk)})
-    (out / "manifest.json").write_text(json.dumps({"shards": shards}))
-    return out
+    sentences = [[s for ln in d.split("\n") if ln.strip() for s in SENTENCE_END.split(ln.strip()) if s]
+                 for d in docs]
+    return write_corpus({"doc_id": [str(i) for i in range(len(docs))], "sentences": sentences}, work / "corpus",
+                        shard_docs)
 
 
 def train_tokenizer(corpus: Path, out: Path, vocab_size: int) -> Path:
@@ -198,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.repeat):
             raws.append(bench_raw(corpus, tok_dir))
             ourses.append(bench_ours(corpus, tok_dir, work / f"ours{i}", args.seq_len, args.mode, args.pool))
-        r: dict = {"cpu": cpu_info(), "mode": args.mode, "seq_len": args.seq_len, "pool": args.pool}
+        r: dict = {"cpu": cpu_facts(), "mode": args.mode, "seq_len": args.seq_len, "pool": args.pool}
         if args.repeat:
             raw, ours = min(raws, key=lambda x: x["cpu_seconds"]), min(ourses, key=lambda x: x["cpu_seconds"])
             ours["tokens"] = raw["tokens"]  # the same text on both sides: the ratio of times is that of speeds

@@ -21,7 +21,6 @@ import argparse
 import gzip
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -36,24 +35,13 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("BERTSCALE_SHARED_DATA", REPO.parent / "shared" / "data"))
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(REPO))
+
+from bench.common import cpu_line  # noqa: E402
+
 WORD = re.compile(r"[a-z]+")
 VOCAB = 20000  # words permuted per copy: covers ~95% of running words in English text
 FILE_BYTES = 64 * 2**20  # generated jsonl.gz files of about this much text each
-
-
-def cpu_line() -> str:
-    """CPU model and its bf16 capability, as /proc/cpuinfo says (machines differ from run to run)."""
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("unknown", "", "x86_64"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    bf16 = sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
-    return f"{model}, {os.cpu_count()} cores, bf16: {', '.join(bf16) or 'none (emulated)'}"
 
 
 # ----------------------------------------------------------------------------------------------------------------

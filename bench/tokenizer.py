@@ -15,14 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,45 +29,21 @@ sys.path.insert(0, str(REPO))
 from bertscale.config import PipelineConfig  # noqa: E402
 from bertscale.tokenizer import encode_batch_for_datasets, load_tokenizer, train_tokenizer  # noqa: E402
 from bertscale.tokenizer.wordpiece import build_wordpiece, make_trainer  # noqa: E402
+from bench.common import cpu_line, raw_documents, write_corpus  # noqa: E402
 
 SHARED = Path(os.environ.get("BERTSCALE_SHARED_DATA", REPO.parent / "shared" / "data"))
 GOALS = {"train_time_ratio": ("<=", 1.2), "encode_1proc_vs_raw": (">=", 0.8), "encode_2proc_vs_1proc": (">=", 1.6)}
-
-
-def _raw_documents(root: Path) -> list[str]:
-    """Articles of WikiExtractor files and blank-line paragraphs of .txt files (cp1252 fallback)."""
-    docs: list[str] = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        raw = path.read_bytes()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            text = raw.decode("cp1252", errors="replace")
-        if text.startswith("<doc "):
-            docs += [b.strip() for b in re.findall(r"<doc [^>]*>\n(.*?)</doc>", text, flags=re.S) if b.strip()]
-        elif path.suffix == ".txt":
-            docs += [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
-    return docs
 
 
 def prepare_corpus(src: Path, work: Path, shard_docs: int = 20_000) -> Path:
     """The corpus dir to benchmark on: `src` itself if it holds parquet, else raw files converted to shards."""
     if (src / "manifest.json").is_file() or any(src.rglob("*.parquet")):
         return src
-    docs = _raw_documents(src)
+    docs = raw_documents(src)
     if not docs:
         raise SystemExit(f"no .txt, WikiExtractor or parquet files under {src}")
-    out = work / "corpus"
-    (out / "shards").mkdir(parents=True)
-    shards = []
-    for n, start in enumerate(range(0, len(docs), shard_docs)):
-        chunk = docs[start : start + shard_docs]
-        name = f"shards/part-{n:05d}.parquet"
-        sentences = [[line for line in d.split("\n") if line.strip()] for d in chunk]
-        pq.write_table(pa.table({"text": chunk, "sentences": sentences}), out / name)
-        shards.append({"name": name, "rows": len(chunk)})
-    (out / "manifest.json").write_text(json.dumps({"shards": shards}))
-    return out
+    sentences = [[line for line in d.split("\n") if line.strip()] for d in docs]
+    return write_corpus({"text": docs, "sentences": sentences}, work / "corpus", shard_docs)
 
 
 def bench_training(corpus: Path, work: Path, vocab_size: int) -> dict:
@@ -167,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         corpus = prepare_corpus(args.corpus, Path(tmp))
         result = bench_training(corpus, Path(tmp), args.vocab_size)
         result.update(bench_encoding(corpus, result.pop("tokenizer_dir"), args.encode_docs, Path(tmp)))
-    result["cpu_count"], result["load_average_before"] = os.cpu_count(), load_before
+    result["cpu"], result["cpu_count"], result["load_average_before"] = cpu_line(), os.cpu_count(), load_before
+    print(f"cpu: {result['cpu']}")
     print_table(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import threading
 from collections.abc import Iterator
 
 from apache_beam.runners.dask import dask_runner as beam_dask
@@ -46,9 +47,19 @@ class BoundedFlatten(te.Flatten):
         return bag.repartition(npartitions=self.cap) if bag.npartitions > self.cap else bag
 
 
+_TRANSLATING = threading.RLock()
+
+
 @contextlib.contextmanager
 def bounded_translations(cap: int) -> Iterator[None]:
-    """Beam's translation table with the bounded ops, for the duration of one graph translation."""
+    """Beam's translation table with the bounded ops, for the duration of one graph translation. The table is
+    process-global, so translations are serialised: two pipelines launched from threads never see each other's
+    patch or restore it under each other."""
+    with _TRANSLATING:
+        yield from _patched(cap)
+
+
+def _patched(cap: int) -> Iterator[None]:
     saved = dict(te.TRANSLATIONS)
     te.TRANSLATIONS[_GroupByKeyOnly] = functools.partial(BoundedGroupByKey, cap=cap)
     te.TRANSLATIONS[_Flatten] = functools.partial(BoundedFlatten, cap=cap)

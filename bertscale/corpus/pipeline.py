@@ -445,13 +445,12 @@ def _run(cfg: PipelineConfig, engine) -> CorpusResult:
     return result
 
 
-def run_corpus(cfg: PipelineConfig, progress: bool = True) -> CorpusResult:
-    """Run the corpus stage with the configured Beam runner (local multi-processing by default). `progress` is
-    kept for callers of the earlier API: the work now happens in the runner, which reports its own progress."""
+def run_corpus(cfg: PipelineConfig) -> CorpusResult:
+    """Run the corpus stage with the configured Beam runner (local multi-processing by default)."""
     validate_runner(cfg.corpus.runner)
     return _run(cfg, _run_beam)
 
 
-def run_plain(cfg: PipelineConfig, progress: bool = False) -> CorpusResult:
+def run_plain(cfg: PipelineConfig) -> CorpusResult:
     """The same graph on Beam's in-process runner, in this process: the twin that tests compare runners against."""
     return _run(cfg, _run_in_process)

@@ -24,7 +24,21 @@ _EXPORTS = {
     "MLMCollator": "bertscale.data.masking",
     "continuation_lookup": "bertscale.data.masking",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "DataResult",
+    "DistributedLoader",
+    "Instances",
+    "MLMCollator",
+    "PretrainingDataset",
+    "TokenizedDocs",
+    "build_pretraining_data",
+    "continuation_lookup",
+    "create_nsp_instances",
+    "create_packed_instances",
+    "read_manifest",
+    "split_long_sentences",
+    "truncate_pair",
+]
 
 if TYPE_CHECKING:
     from bertscale.data.build import DataResult, build_pretraining_data

@@ -412,7 +412,7 @@ def _import_pretrained(cfg: PipelineConfig, corpus: str | Path | None) -> Tokeni
 def heldout_stats(tok: Tokenizer, docs: list[str], batch_size: int = 256) -> dict[str, float]:
     """[UNK] rate (share of tokens) and tokens per whitespace word on held-out documents."""
     unk_id = tok.token_to_id(SPECIAL_TOKENS["unk"])
-    tokens = unks = words = unk_words = 0
+    tokens = unks = words = 0
     for i in range(0, len(docs), batch_size):
         chunk = docs[i : i + batch_size]
         for enc in tok.encode_batch(chunk, add_special_tokens=False):

@@ -45,8 +45,8 @@ def shard_bytes(result) -> list[bytes]:
 
 
 def test_corpus_stage_on_real_text(tmp_path, inputs):
-    first = run_corpus(config(tmp_path / "a", inputs, 2), progress=False)
-    second = run_corpus(config(tmp_path / "b", inputs, 1), progress=False)
+    first = run_corpus(config(tmp_path / "a", inputs, 2))
+    second = run_corpus(config(tmp_path / "b", inputs, 1))
     plain = run_plain(config(tmp_path / "c", inputs, 2))
 
     c = first.counts

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,21 +23,10 @@ from bertscale.data.instances import (
     truncation_amounts,
 )
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from factories import synthetic_docs  # noqa: E402
+
 CLS, SEP = 2, 3
-
-
-def synthetic_docs(n_docs: int, seed: int = 0, max_sents: int = 12, max_len: int = 40) -> TokenizedDocs:
-    """Documents whose token ids encode (document, position) so that spans can be traced back."""
-    rng = np.random.default_rng(seed)
-    docs, next_id = [], 10
-    for _ in range(n_docs):
-        sents = []
-        for _ in range(int(rng.integers(1, max_sents + 1))):
-            n = int(rng.integers(1, max_len + 1))
-            sents.append(list(range(next_id, next_id + n)))
-            next_id += n
-        docs.append(sents)
-    return TokenizedDocs.from_lists(docs)
 
 
 def doc_of_token(docs: TokenizedDocs) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,21 +19,10 @@ from bertscale.data.shards import BuildSettings, doc_keys, shard_instances, spli
 from bertscale.data.storage import read_verified, save_arrays, staged_dir, write_json
 from bertscale.errors import InputError
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from factories import synthetic_docs  # noqa: E402
+
 SPECIAL = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
-
-
-def synthetic_docs(n_docs: int, seed: int = 0, max_sents: int = 12, max_len: int = 40) -> TokenizedDocs:
-    """Documents with distinct token ids everywhere, so that a span's tokens say which document they are from."""
-    rng = np.random.default_rng(seed)
-    docs, next_id = [], 10 + 10_000 * seed
-    for _ in range(n_docs):
-        sents = []
-        for _ in range(int(rng.integers(1, max_sents + 1))):
-            n = int(rng.integers(1, max_len + 1))
-            sents.append(list(range(next_id, next_id + n)))
-            next_id += n
-        docs.append(sents)
-    return TokenizedDocs.from_lists(docs)
 
 
 def settings(mode: str = "nsp", **kw) -> BuildSettings:
