@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from bertscale.config import CorpusConfig, load_config  # noqa: E402
 from bertscale.corpus import run_corpus  # noqa: E402
+from bertscale.corpus.pipeline import dedup_buckets  # noqa: E402
 from bertscale.corpus.cleaning import clean_text  # noqa: E402
 from bertscale.corpus.dedup import MinHasher  # noqa: E402
 from bertscale.corpus.filters import build_rules, first_failed_rule  # noqa: E402
@@ -63,8 +64,9 @@ def unit_work(paths: list[str], tmp: str) -> float:
     work_dir = f"{tmp}/units-only"
     os.makedirs(f"{work_dir}/units", exist_ok=True)
     start = time.perf_counter()
-    processor = UnitProcessor(cfg, work_dir)
-    for i, unit in enumerate(plan_units(expand_inputs(paths), cfg)):
+    files = expand_inputs(paths)
+    processor = UnitProcessor(cfg, work_dir, dedup_buckets(sum(f.size for f in files)))
+    for i, unit in enumerate(plan_units(files, cfg)):
         processor(i, unit)
     return time.perf_counter() - start
 

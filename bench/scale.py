@@ -42,6 +42,7 @@ from bench.common import cpu_line  # noqa: E402
 WORD = re.compile(r"[a-z]+")
 VOCAB = 20000  # words permuted per copy: covers ~95% of running words in English text
 FILE_BYTES = 64 * 2**20  # generated jsonl.gz files of about this much text each
+STAGES = ("corpus", "tokenizer", "data")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,7 +145,7 @@ def data_tokens(data_dir: Path) -> int:
     return 0
 
 
-def run_size(size_gb: float, workdir: Path, source: Path, workers: int) -> dict:
+def run_size(size_gb: float, workdir: Path, source: Path, workers: int, only: list[str]) -> dict:
     root = workdir / f"{size_gb:g}gb"
     raw = root / "raw"
     t0 = time.perf_counter()
@@ -159,6 +160,8 @@ def run_size(size_gb: float, workdir: Path, source: Path, workers: int) -> dict:
     }
     result: dict = {"size_gb": size_gb, "input_mb": round(mb, 1), "stages": {}}
     for name, cmd in stages.items():
+        if name not in only:
+            continue
         seconds, peak = run_measured(cmd, root / f"{name}.log")
         rec = {"seconds": round(seconds, 1), "peak_rss_mb": round(peak), "input_mb": round(mb, 1),
                "mb_per_s_per_core": round(mb / seconds / workers, 2)}
@@ -179,7 +182,8 @@ def goals(runs: list[dict]) -> dict:
         speed = last[stage]["mb_per_s_per_core"] / max(first[stage]["mb_per_s_per_core"], 1e-9)
         out[stage] = {"memory_growth": round(growth, 2), "memory_ok": growth <= 1.5,
                       "throughput_ratio": round(speed, 2), "throughput_ok": speed >= 0.9}
-    out["data"]["under_2gb"] = all(r["stages"]["data"]["peak_rss_mb"] < 2048 for r in runs)
+    if "data" in out:
+        out["data"]["under_2gb"] = all(r["stages"]["data"]["peak_rss_mb"] < 2048 for r in runs)
     return out
 
 
@@ -189,10 +193,12 @@ def main() -> int:
     p.add_argument("--workdir", required=True, type=Path, help="Generated corpora and stage outputs go here.")
     p.add_argument("--source", type=Path, default=SHARED / "corpus", help="The shared corpus folder.")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="Beam workers / data processes.")
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
+                   help="Stages to measure (each reads the previous stage's output in the workdir).")
     p.add_argument("--json", type=Path, help="Also write the results here.")
     args = p.parse_args()
     print(cpu_line(), flush=True)
-    runs = [run_size(s, args.workdir, args.source, args.workers) for s in sorted(args.sizes_gb)]
+    runs = [run_size(s, args.workdir, args.source, args.workers, args.stages) for s in sorted(args.sizes_gb)]
     print(f"\n{'size GB':>8} {'stage':<10}{'seconds':>9}{'MB/s/core':>11}{'peak MB':>9}{'tokens/s':>11}")
     for r in runs:
         for name, s in r["stages"].items():

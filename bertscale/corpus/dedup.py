@@ -245,9 +245,8 @@ def near_duplicates(
 # ------------------------------------------------------------------------------------------------------------
 # Bucket-level steps of the distributed graph (documents are integer references; smaller = earlier = kept)
 # ------------------------------------------------------------------------------------------------------------
-# Dedup keys travel through the shuffles as packed numpy records, not Python tuples: a local runner holds a
-# shuffle's values in memory, where a (key, ref) tuple of two ints costs ~120 bytes and a packed record 16 (24 for
-# an exact key). Keys are hashes, so their low bits pick the bucket.
+# Dedup keys are packed numpy records, not Python tuples: a (key, ref) tuple of two ints costs ~120 bytes of
+# memory and a record 16 (24 for an exact key). Keys are hashes, so their low bits pick the bucket.
 BAND_RECORD = np.dtype([("key", "<u8"), ("ref", "<i8")])
 EXACT_RECORD = np.dtype([("hi", "<u8"), ("lo", "<u8"), ("ref", "<i8")])
 
@@ -268,17 +267,17 @@ def exact_records(digests: list[bytes], refs: np.ndarray) -> np.ndarray:
     return out
 
 
-def by_bucket(records: np.ndarray, buckets: int) -> Iterator[tuple[int, bytes]]:
-    """Records batched by their key's bucket, packed: one small shuffle element per bucket."""
+def bucket_order(records: np.ndarray, buckets: int) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """The records sorted by their key's bucket (stably), and (bucket, start, end) of every non-empty bucket."""
     if not len(records):
-        return
+        return records, []
     key = records["key"] if "key" in records.dtype.names else records["lo"]
     bucket = (key % np.uint64(buckets)).astype(np.int64)
     order = np.argsort(bucket, kind="stable")
-    bucket, records = bucket[order], records[order]
+    bucket = bucket[order]
     starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
-    for start, end in zip(starts, [*starts[1:], len(bucket)]):
-        yield int(bucket[start]), records[start:end].tobytes()
+    ends = [*starts[1:].tolist(), len(bucket)]
+    return records[order], [(int(bucket[s]), int(s), e) for s, e in zip(starts.tolist(), ends)]
 
 
 def _unpack(batches: Iterable[bytes], dtype: np.dtype) -> np.ndarray:
@@ -286,7 +285,8 @@ def _unpack(batches: Iterable[bytes], dtype: np.dtype) -> np.ndarray:
 
 
 def exact_drops_in_bucket(batches: Iterable[bytes]) -> list[int]:
-    """References to drop among all packed exact-key batches of one bucket: every copy but the first."""
+    """References to drop among all exact-key records of one bucket (packed batches): every copy but the
+    first."""
     r = _unpack(batches, EXACT_RECORD)
     r = r[np.lexsort((r["ref"], r["lo"], r["hi"]))]
     repeat = (r["hi"][1:] == r["hi"][:-1]) & (r["lo"][1:] == r["lo"][:-1])
@@ -294,7 +294,7 @@ def exact_drops_in_bucket(batches: Iterable[bytes]) -> list[int]:
 
 
 def candidates_in_bucket(batches: Iterable[bytes]) -> list[tuple[int, int]]:
-    """Candidate pairs (a < b) among the documents sharing an LSH band key in one bucket."""
+    """Candidate pairs (a < b) among the documents sharing an LSH band key in one bucket (packed batches)."""
     r = np.unique(_unpack(batches, BAND_RECORD))  # sorted by (key, ref); a document counts once per key
     key = r["key"]
     shared = np.r_[key[1:] == key[:-1], False] | np.r_[False, key[1:] == key[:-1]]

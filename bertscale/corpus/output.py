@@ -46,8 +46,13 @@ def write_bytes(path: str, data: bytes) -> None:
         fh.write(data)
 
 
+def open_for_read(path: str):
+    """A seekable binary file on any Beam filesystem, read as stored (no decompression by file name)."""
+    return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+
+
 def read_bytes(path: str) -> bytes:
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+    with open_for_read(path) as fh:
         return fh.read()
 
 
@@ -124,7 +129,7 @@ class SpillWriter:
 
 
 def read_spill(path: str, columns: list[str] | None = None) -> pa.Table:
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+    with open_for_read(path) as fh:
         return pq.read_table(fh, columns=columns)
 
 
@@ -161,7 +166,7 @@ def assign_shards(offset: int, sizes: np.ndarray, target_bytes: int) -> Iterator
 def read_spill_rows(path: str, rows: np.ndarray, columns: list[str]) -> Iterator[pa.Table]:
     """The given rows (ascending) of a spill file, one spill row group at a time: memory stays bounded by a row
     group, not by the unit."""
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+    with open_for_read(path) as fh:
         spill = pq.ParquetFile(fh)
         bounds = np.cumsum([0] + [spill.metadata.row_group(g).num_rows for g in range(spill.num_row_groups)])
         groups = np.searchsorted(bounds, rows, side="right") - 1

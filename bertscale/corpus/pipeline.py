@@ -4,9 +4,11 @@ Everything that touches text runs in transforms; only small aggregates reach the
 shard names, sizes and checksums, input fingerprints), from which it writes `manifest.json`. Shape of the graph
 (document text never crosses a shuffle; documents travel as int references `unit << 32 | row`, see `units.py`):
 
-    units -GBK-> Process: read, clean, filter, MinHash, split; spill parquet per unit; (keys, counts, quarantine)
-      exact keys -GBK(bucket)-> exact drops ------------------------------+
-      band keys  -GBK(bucket)-> candidate pairs -> signatures (read from  |
+    units -GBK-> Process: read, clean, filter, MinHash, split; per unit a spill parquet and two key files sorted
+                 by bucket; (key file spans, counts, quarantine)
+      exact key spans -GBK(bucket)-> read spans -> exact drops -----------+
+      band key spans  -GBK(bucket)-> read spans -> candidate pairs ->     |
+                 signatures (read from                                    |
                  spills, exact drops excluded) -> verified edges ->       |
                  connected components -> near drops -------------------- +-> drops per unit -> kept rows + sizes
       kept sizes -> prefix offsets (joined per unit) -> shard slot per doc -CoGBK(slot, rank)-> WriteShard
@@ -41,7 +43,6 @@ import numpy as np
 
 from bertscale.config import CorpusConfig, PipelineConfig, is_uri
 from bertscale.corpus.dedup import (
-    by_bucket,
     candidates_in_bucket,
     estimated_jaccard,
     exact_drops_in_bucket,
@@ -76,7 +77,7 @@ from bertscale.corpus.runners import (
     ship_code,
     validate_runner,
 )
-from bertscale.corpus.units import UnitProcessor, UnitResult, doc_ref, ref_row, ref_unit, spill_path
+from bertscale.corpus.units import UnitProcessor, UnitResult, doc_ref, read_keys, ref_row, ref_unit, spill_path
 from bertscale.errors import BertscaleError
 
 __all__ = ["CorpusResult", "build_graph", "check_pipeline_options", "check_runner_name", "dedup_buckets",
@@ -110,17 +111,23 @@ def dedup_buckets(input_bytes: int) -> int:
 class ProcessUnitFn(beam.DoFn):
     """`UnitProcessor` as a DoFn: built once per worker (MinHash permutations, rules), fed (key, [unit])."""
 
-    def __init__(self, cfg: CorpusConfig, work_dir: str) -> None:
-        self.cfg, self.work_dir = cfg, work_dir
+    def __init__(self, cfg: CorpusConfig, work_dir: str, buckets: int) -> None:
+        self.cfg, self.work_dir, self.buckets = cfg, work_dir, buckets
         self.processor: UnitProcessor | None = None
 
     def setup(self) -> None:
-        self.processor = UnitProcessor(self.cfg, self.work_dir)
+        self.processor = UnitProcessor(self.cfg, self.work_dir, self.buckets)
 
     def process(self, element: tuple[int, Iterable[WorkUnit]]) -> Iterator[UnitResult]:
         index, units = element
         for unit in units:
             yield self.processor(index, unit)
+
+
+def key_spans(result: UnitResult, kind: str) -> Iterator[tuple[int, tuple[int, int, int]]]:
+    """(bucket, (unit, start, end)) for each non-empty bucket of a unit's key file of `kind`."""
+    for bucket, start, end in getattr(result, kind):
+        yield bucket, (result.index, start, end)
 
 
 def rows_by_unit(refs: Iterable[int]) -> Iterator[tuple[int, list[int]]]:
@@ -299,9 +306,10 @@ def connected_components(edges, rounds: int):
 def near_drops(results, exact_batches, cfg: CorpusConfig, plan: StagePlan):
     """References of near duplicates (every member of a verified cluster but its smallest), and cluster checks."""
     candidates = (results
-                  | "BandBuckets" >> beam.FlatMap(lambda r: by_bucket(r.bands, plan.buckets))
+                  | "BandBuckets" >> beam.FlatMap(key_spans, "bands")
                   | "GroupBands" >> beam.GroupByKey()
-                  | "Candidates" >> beam.FlatMap(lambda kv: candidates_in_bucket(kv[1])))
+                  | "Candidates" >> beam.FlatMap(
+                      lambda kv: candidates_in_bucket(read_keys(plan.work_dir, "bands", kv[1]))))
     wanted = candidates | "WantedRows" >> beam.FlatMap(lambda ab: ((ref_unit(x), ref_row(x)) for x in ab))
     signatures = ({"want": wanted, "exact": exact_batches}
                   | "JoinWanted" >> beam.CoGroupByKey()
@@ -344,11 +352,12 @@ def build_graph(p, plan: StagePlan, cfg: CorpusConfig) -> None:
     results = (p
                | "Units" >> beam.Create([(i, plan.units[i]) for i in order], reshuffle=False)
                | "SpreadUnits" >> beam.GroupByKey()
-               | "Process" >> beam.ParDo(ProcessUnitFn(cfg, plan.work_dir)))
+               | "Process" >> beam.ParDo(ProcessUnitFn(cfg, plan.work_dir, plan.buckets)))
     exact_batches = (results
-                     | "ExactBuckets" >> beam.FlatMap(lambda r: by_bucket(r.exact, plan.buckets))
+                     | "ExactBuckets" >> beam.FlatMap(key_spans, "exact")
                      | "GroupExact" >> beam.GroupByKey()
-                     | "ExactDrops" >> beam.FlatMap(lambda kv: rows_by_unit(exact_drops_in_bucket(kv[1]))))
+                     | "ExactDrops" >> beam.FlatMap(
+                         lambda kv: rows_by_unit(exact_drops_in_bucket(read_keys(plan.work_dir, "exact", kv[1])))))
     near, unconverged = near_drops(results, exact_batches, cfg, plan)
     near_batches = near | "NearByUnit" >> beam.Map(lambda ref: (ref_unit(ref), [ref_row(ref)]))
     drops = (exact_batches, near_batches) | "AllDrops" >> beam.Flatten()

@@ -1,7 +1,10 @@
 """Per-unit work of the corpus stage: read, clean, filter, hash and sentence-split the documents of one work unit.
 
-A unit's kept documents go to its spill file (parquet, in the work directory every worker can reach); what leaves
-the unit through the pipeline is small: dedup keys with integer document references, counts and quarantine records.
+A unit's kept documents go to its spill file (parquet, in the work directory every worker can reach), and its
+dedup keys with integer document references to two key files, sorted by dedup bucket. What leaves the unit
+through the pipeline is small: the (bucket, start, end) spans of its key files, counts and quarantine records.
+A bucket's dedup step reads its span of every unit's key file, so keys never travel through a shuffle (a local
+runner would hold each shuffle in the launching process's memory, growing with the corpus).
 A document reference is `unit << 32 | row`, the document's row in its unit's spill file. Units are planned in
 document order and rows are written in position order, so integer order of references equals the canonical
 document order (`doc_sort_key`): "keep the smallest reference" keeps the first copy in the corpus, and comparing
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from bertscale.config import CorpusConfig
@@ -25,12 +28,13 @@ from bertscale.corpus.dedup import (
     MinHasher,
     band_key_matrix,
     band_records,
+    bucket_order,
     exact_key,
     exact_records,
     lsh_params,
 )
 from bertscale.corpus.filters import build_rules, first_failed_rule
-from bertscale.corpus.output import SpillWriter, join, metadata_json
+from bertscale.corpus.output import SpillWriter, join, metadata_json, open_for_read, write_bytes
 from bertscale.corpus.readers import Record, Rejected, WorkUnit, make_doc_id, read_unit
 from bertscale.corpus.sentences import split_sentences
 
@@ -54,14 +58,38 @@ def spill_path(work_dir: str, index: int) -> str:
     return join(work_dir, "units", f"unit-{index:06d}.parquet")
 
 
+KEY_KINDS = {"exact": EXACT_RECORD, "bands": BAND_RECORD}
+Span = tuple[int, int, int]  # (bucket, first record, end record) in a unit's key file
+
+
+def key_path(work_dir: str, index: int, kind: str) -> str:
+    return join(work_dir, "units", f"unit-{index:06d}.{kind}")
+
+
+def write_keys(work_dir: str, index: int, kind: str, records: np.ndarray, buckets: int) -> list[Span]:
+    """A unit's key file of `kind` (its records sorted by bucket), and the spans of its non-empty buckets."""
+    ordered, spans = bucket_order(records, buckets)
+    write_bytes(key_path(work_dir, index, kind), ordered.tobytes())
+    return spans
+
+
+def read_keys(work_dir: str, kind: str, slices: Iterable[tuple[int, int, int]]) -> Iterator[bytes]:
+    """The packed records of (unit, start, end) slices of the units' key files of `kind`."""
+    size = KEY_KINDS[kind].itemsize
+    for unit, start, end in sorted(slices):
+        with open_for_read(key_path(work_dir, unit, kind)) as fh:
+            fh.seek(start * size)
+            yield fh.read((end - start) * size)
+
+
 @dataclass
 class UnitResult:
     """What a processed unit sends on: dedup keys with document references, counts, quarantine records."""
 
     index: int
     rows: int = 0  # documents in the unit's spill file
-    exact: np.ndarray = field(default_factory=lambda: np.empty(0, EXACT_RECORD))  # (exact key, doc ref) records
-    bands: np.ndarray = field(default_factory=lambda: np.empty(0, BAND_RECORD))  # (LSH band key, doc ref) records
+    exact: list[Span] = field(default_factory=list)  # spans of the unit's exact-key file
+    bands: list[Span] = field(default_factory=list)  # spans of the unit's LSH band-key file
     counts: dict[str, int] = field(default_factory=dict)
     quarantine: list[dict] = field(default_factory=list)
 
@@ -94,8 +122,8 @@ class UnitProcessor:
     BATCH = 256  # documents per MinHash batch
     BATCH_CHARS = 1 << 21  # or fewer, when their text reaches this: bounds the batch's numpy arrays
 
-    def __init__(self, cfg: CorpusConfig, work_dir: str) -> None:
-        self.cfg, self.work_dir = cfg, work_dir
+    def __init__(self, cfg: CorpusConfig, work_dir: str, buckets: int) -> None:
+        self.cfg, self.work_dir, self.buckets = cfg, work_dir, buckets
         self.rules = build_rules(cfg.filters)
         d = cfg.dedup
         self.hasher = MinHasher(d.num_perm, d.shingle_size, d.seed) if d.near else None
@@ -123,10 +151,9 @@ class UnitProcessor:
         self._flush(index, unit, batch, counts, writer, exact, bands)
         writer.close()
         result.rows, result.counts = writer.rows, dict(counts)
-        if exact:
-            result.exact = np.concatenate(exact)
-        if bands:
-            result.bands = np.concatenate(bands)
+        for kind, parts in (("exact", exact), ("bands", bands)):
+            records = np.concatenate(parts) if parts else np.empty(0, KEY_KINDS[kind])
+            setattr(result, kind, write_keys(self.work_dir, index, kind, records, self.buckets))
         return result
 
     def _guarded_document(self, unit: WorkUnit, record: Record, counts: Counter[str],

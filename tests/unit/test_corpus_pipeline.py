@@ -22,7 +22,7 @@ from bertscale.config import RunnerConfig, load_config
 from bertscale.corpus.dedup import (
     UnionFind,
     band_records,
-    by_bucket,
+    bucket_order,
     candidates_in_bucket,
     exact_drops_in_bucket,
     exact_records,
@@ -39,6 +39,7 @@ from bertscale.corpus.pipeline import (
 )
 from bertscale.corpus.readers import expand_inputs, plan_units
 from bertscale.corpus.sentences import split_sentences
+from bertscale.corpus.units import read_keys, write_keys
 from bertscale.errors import ConfigError, InputError
 
 SENTENCE = "The committee met on Tuesday to discuss the budget for the coming year and agreed on it. "
@@ -69,17 +70,20 @@ def make_cfg(tmp_path: Path, inputs: list[Path], *extra: str):
                               "corpus.runner.num_workers=1", "corpus.target_shard_bytes=4096", *extra])
 
 
-def test_bucket_steps_keep_the_first_copy_and_pair_band_mates():
+def test_bucket_steps_keep_the_first_copy_and_pair_band_mates(tmp_path: Path):
     digests = {name: hashlib.blake2b(name.encode(), digest_size=16).digest() for name in ("aa", "bb")}
     keys, refs = ["aa", "bb", "aa", "aa"], np.array([5, 7, 2, 9])
     exact = exact_records([digests[k] for k in keys], refs)
-    groups = dict(by_bucket(exact, 4))
-    assert all(isinstance(batch, bytes) for batch in groups.values())
-    assert sorted(exact_drops_in_bucket(groups.values())) == [5, 9]  # "aa" keeps ref 2, the first in doc order
+    (tmp_path / "units").mkdir()
+    spans = write_keys(str(tmp_path), 3, "exact", exact, 4)
+    assert sum(end - start for _, start, end in spans) == 4 and len({b for b, _, _ in spans}) == len(spans)
+    batches = [list(read_keys(str(tmp_path), "exact", [(3, start, end)])) for _, start, end in spans]
+    assert sorted(r for batch in batches for r in exact_drops_in_bucket(batch)) == [5, 9]  # "aa" keeps ref 2
     bands = band_records(np.array([11, 11, 12, 11, 13], dtype=np.uint64), np.array([3, 1, 3, 8, 4]))
     assert candidates_in_bucket([bands[:2].tobytes(), bands[2:].tobytes()]) == [(1, 3), (1, 8), (3, 8)]
-    batches = [batch for _, batch in by_bucket(bands, 2)]
-    assert candidates_in_bucket(batches) == [(1, 3), (1, 8), (3, 8)]
+    ordered, spans = bucket_order(bands, 2)
+    assert [b for b, _, _ in spans] == [0, 1] and sorted(ordered.tolist()) == sorted(bands.tolist())
+    assert candidates_in_bucket([ordered[s:e].tobytes() for _, s, e in spans]) == [(1, 3), (1, 8), (3, 8)]
 
 
 def test_shard_bytes_do_not_depend_on_how_the_rows_arrive(tmp_path: Path):
