@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from bertscale import tracking
 from bertscale.config import PipelineConfig, load_config
 from bertscale.errors import BertscaleError, ConfigError
 
@@ -82,7 +83,7 @@ def _run_corpus(args: argparse.Namespace) -> int:
     if runner:
         corpus["runner"] = runner
     cfg = _config(args, {"corpus": corpus})
-    result = run_corpus(cfg)
+    result, _ = tracking.track_stage(cfg, "corpus", lambda: run_corpus(cfg))
     print(result.summary())
     return 0
 
@@ -113,7 +114,8 @@ def _run_tokenizer(args: argparse.Namespace) -> int:
         lowercase=False if args.cased else None,
     )
     cfg = _config(args, {"tokenizer": section})
-    print(train_tokenizer(cfg, corpus=args.corpus).summary())
+    result, _ = tracking.track_stage(cfg, "tokenizer", lambda: train_tokenizer(cfg, corpus=args.corpus))
+    print(result.summary())
     return 0
 
 
@@ -141,7 +143,9 @@ def _run_data(args: argparse.Namespace) -> int:
 
     section = _section(output=args.output, mode=args.mode, seq_lengths=args.seq_lengths, num_proc=args.num_proc)
     cfg = _config(args, {"data": section})
-    print(build_pretraining_data(cfg, corpus=args.corpus, tokenizer=args.tokenizer).summary())
+    result, _ = tracking.track_stage(
+        cfg, "data", lambda: build_pretraining_data(cfg, corpus=args.corpus, tokenizer=args.tokenizer))
+    print(result.summary())
     return 0
 
 
@@ -180,19 +184,30 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     cfg = _config(args, {"model": model, "train": train})
     if args.launcher == "none":
         from bertscale.train import pretrain
+        from bertscale.train.distributed import read_env
         from bertscale.train.run import exit_code
 
-        result = pretrain(cfg, data=args.data, tokenizer=args.tokenizer)
+        def in_process():
+            return pretrain(cfg, data=args.data, tokenizer=args.tokenizer)
+
+        # A lone process is the whole job and tracks it; a rank of someone else's launcher leaves that to rank 0.
+        result = tracking.track_stage(cfg, "pretrain", in_process)[0] if read_env().world_size == 1 \
+            else in_process()
         print(result.summary())
         return exit_code(result)
-    from bertscale.train.launch import LaunchSpec, launch
+    from bertscale.train.launch import LaunchFailed, LaunchSpec, check_inputs, launch_pretraining
 
+    # A user's mistake is one line and exit code 2, before MLflow or a launcher starts.
+    check_inputs(cfg, args.data, args.tokenizer)
     spec = LaunchSpec(
         launcher=args.launcher, num_procs=cfg.train.num_procs, nnodes=args.nnodes, node_rank=args.node_rank,
         master_addr=args.master_addr, master_port=args.master_port, hostfile=args.hostfile,
     )
-    return launch(cfg, spec, config_path=args.config, overrides=args.overrides, data=args.data,
-                  tokenizer=args.tokenizer)
+    try:
+        tracking.track_stage(cfg, "pretrain", lambda: launch_pretraining(cfg, spec, args.data, args.tokenizer))
+    except LaunchFailed as e:
+        return e.exit_code  # the ranks said why on their output
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -348,8 +363,6 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_models(args: argparse.Namespace) -> int:
-    from bertscale import tracking
-
     cfg = _config(args, {})
     tracking.configure(cfg)
     if args.action == "list":

@@ -144,9 +144,9 @@ class TokenizerConfig(Section):
     handle_chinese_chars: bool = Field(True, description="Split CJK characters into single tokens.")
     batch_size: int = Field(1000, ge=1, description="Documents per batch while streaming shards to the trainer.")
     sample_bytes: int | None = Field(
-        2**30, ge=1, description="Train on a seeded random sample of about this many bytes of text (None = all "
-        "of it). Bounds the trainer's time and memory on a large corpus; a gigabyte holds far more than a "
-        "30K-piece vocabulary needs (SentencePiece samples its input the same way).")
+        2**29, ge=1, description="Train on a seeded random sample of about this many bytes of text (None = all "
+        "of it). Bounds the trainer's time and memory, which grow with the text trained on; half a gigabyte "
+        "holds far more than a 30K-piece vocabulary needs (SentencePiece samples its input the same way).")
     heldout_docs: int = Field(200, ge=0, description="Documents held out for [UNK]-rate and tokens-per-word stats.")
     heldout_seed: int = Field(0, description="Seed of the random sample of held-out documents.")
     text_column: str = Field("text", description="Parquet column holding each document's text.")
@@ -216,7 +216,7 @@ class TrainConfig(Section):
     output: str | None = Field(None, description="Output directory (checkpoints, metrics, hf/); None = <workdir>/train.")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     ds_config: str | None = Field(
-        None, description="Base DeepSpeed JSON config; None = configs/deepspeed/zero<stage>.json. Batch size, "
+        None, description="Base DeepSpeed JSON config; None = the shipped zero<stage>.json (configs/deepspeed/). Batch size, "
         "accumulation, clipping and precision always come from this section."
     )
     precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="fp16 needs a GPU.")

@@ -1,8 +1,12 @@
-"""Cluster job submission: render the SLURM / Kubernetes templates in `deploy/` from a config, and submit them.
+"""Cluster job submission: render the SLURM / Kubernetes job templates from a config, and submit them.
 
-`local` runs the job here (the DeepSpeed launcher on this machine's devices); `slurm` writes an sbatch script and
-calls `sbatch`; `k8s` writes a manifest (headless Service + ConfigMap + Indexed Job) and calls `kubectl apply`.
-`dry_run` renders only, so the files can be reviewed or submitted by other means.
+Starting ranks is `bertscale.train.launch`'s job; this module only wraps it for a scheduler. Every backend runs
+the same per-rank command (`rank_args` / `srun_command`) on the same resolved config
+(`write_config` / `config_text`). `local` runs the job here through `launch_pretraining`,
+tracked like `bertscale pretrain`; `slurm` writes an sbatch script and calls `sbatch`; `k8s` writes a manifest
+(headless Service + ConfigMap + Indexed Job) and calls `kubectl apply`. `dry_run` renders only, so the files can
+be reviewed or submitted by other means. The templates ship in the package (`bertscale/resources/deploy/`; the
+repository's `deploy/slurm` and `deploy/k8s` link to them); `--template` replaces one.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ import shlex
 import shutil
 import string
 import subprocess
-import sys
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +22,15 @@ from typing import Literal
 
 import yaml
 
-from bertscale.config import PipelineConfig, dump_config
+from bertscale import tracking
+from bertscale.config import PipelineConfig
 from bertscale.errors import BertscaleError, ConfigError
+from bertscale.resources import resource
+from bertscale.train.launch import (CONFIG_FILE, LaunchFailed, LaunchSpec, build_command, check_inputs,
+                                    config_text, launch_pretraining, rank_args, srun_command, write_config)
 
-DEPLOY_DIR = Path(__file__).resolve().parents[1] / "deploy"
+# Where the ConfigMap holding the resolved config is mounted in every pod.
+K8S_CONFIG = "/etc/bertscale/pipeline.yaml"
 Backend = Literal["local", "slurm", "k8s"]
 
 
@@ -56,7 +64,7 @@ class JobSpec:
 
 
 def _template(spec: JobSpec, default: str) -> string.Template:
-    path = Path(spec.template) if spec.template else DEPLOY_DIR / default
+    path = Path(spec.template) if spec.template else resource(f"deploy/{default}")
     if not path.is_file():
         raise BertscaleError(f"job template {path} not found; pass --template PATH")
     return string.Template(path.read_text())
@@ -70,17 +78,20 @@ def render_slurm(cfg: PipelineConfig, spec: JobSpec, config_path: Path) -> str:
     if spec.gpus_per_node:
         directives.append(f"#SBATCH --gpus-per-node={spec.gpus_per_node}")
     exports = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in sorted(spec.env.items()))
+    # srun inside the allocation: one task per device, every one running the rank command.
+    srun = srun_command(LaunchSpec("srun", num_procs=spec.procs_per_node, nnodes=spec.nodes),
+                               rank_args(config_path))
     return _template(spec, "slurm/pretrain.sbatch").substitute(
         job_name=spec.job_name, nodes=spec.nodes, procs_per_node=spec.procs_per_node,
         cpus_per_task=spec.cpus_per_task, time_limit=spec.time_limit, log_dir=Path(cfg.workdir).resolve(),
         extra_directives="\n".join(directives), env_exports=exports,
         master_port=spec.master_port or "$((20000 + SLURM_JOB_ID % 20000))",
-        workdir=shlex.quote(workdir), python=shlex.quote(sys.executable), config=shlex.quote(str(config_path)),
+        workdir=shlex.quote(workdir), srun_command=shlex.join(srun),
     )
 
 
 def render_k8s(cfg: PipelineConfig, spec: JobSpec) -> str:
-    config_text = yaml.safe_dump(dump_config(cfg), sort_keys=False)
+    resolved = config_text(cfg)
     env = {"PYTHONUNBUFFERED": "1", **spec.env}
     env_list = "\n".join(f"            - {{name: {k}, value: {yaml.safe_dump(v).strip()!s}}}"
                          for k, v in sorted(env.items()))
@@ -91,8 +102,8 @@ def render_k8s(cfg: PipelineConfig, spec: JobSpec) -> str:
     return _template(spec, "k8s/pretrain-job.yaml").substitute(
         job_name=spec.job_name, nodes=spec.nodes, procs_per_node=spec.procs_per_node,
         master_port=spec.master_port or 29500, image=spec.image, pvc=spec.pvc, workdir=spec.workdir or cfg.workdir,
-        backoff_limit=0, config_indented=textwrap.indent(config_text, "    "), env_list=env_list,
-        resource_limits=limit_lines,
+        backoff_limit=0, config_indented=textwrap.indent(resolved, "    "), env_list=env_list,
+        resource_limits=limit_lines, rank_args=shlex.join(rank_args(K8S_CONFIG)),
     )
 
 
@@ -109,19 +120,26 @@ def _run(cmd: list[str]) -> str:
 def submit(cfg: PipelineConfig, backend: Backend, spec: JobSpec, dry_run: bool = False) -> dict[str, str]:
     """Render the job for `backend` into `<workdir>/jobs/` and submit it; returns paths and the job id."""
     spec.validate()
+    if backend not in ("local", "slurm", "k8s"):
+        raise ConfigError(f"unknown backend {backend!r}: choose local, slurm or k8s")
     jobs_dir = Path(cfg.workdir).resolve() / "jobs"
     jobs_dir.mkdir(parents=True, exist_ok=True)
-    config_path = jobs_dir / f"{spec.job_name}.yaml"
-    config_path.write_text(yaml.safe_dump(dump_config(cfg), sort_keys=False))
     if backend == "local":
-        cmd = [sys.executable, "-m", "bertscale", "pretrain", "--config", str(config_path),
-               "--num-procs", str(spec.procs_per_node)]
+        train = cfg.train.model_copy(update={"num_procs": spec.procs_per_node})
+        cfg = cfg.model_copy(update={"train": train})
+        local = LaunchSpec(num_procs=spec.procs_per_node)
         if dry_run:
+            config_path = write_config(cfg)
+            cmd, _ = build_command(local, config_path)
             return {"command": shlex.join(cmd), "config": str(config_path)}
-        code = subprocess.call(cmd)
-        if code != 0:
-            raise BertscaleError(f"local job exited with code {code}")
-        return {"command": shlex.join(cmd), "config": str(config_path), "job_id": "local"}
+        check_inputs(cfg)
+        try:
+            tracking.track_stage(cfg, "pretrain", lambda: launch_pretraining(cfg, local))
+        except LaunchFailed as e:
+            raise BertscaleError(f"local job exited with code {e.exit_code}") from None
+        return {"config": str(cfg.stage_dir("train") / CONFIG_FILE), "job_id": "local"}
+    # The scheduler's ranks read this file; k8s carries it in its ConfigMap as well.
+    config_path = write_config(cfg, jobs_dir / f"{spec.job_name}.yaml")
     if backend == "slurm":
         script = jobs_dir / f"{spec.job_name}.sbatch"
         script.write_text(render_slurm(cfg, spec, config_path))
@@ -129,11 +147,9 @@ def submit(cfg: PipelineConfig, backend: Backend, spec: JobSpec, dry_run: bool =
             return {"script": str(script), "config": str(config_path)}
         out = _run(["sbatch", "--parsable", str(script)])
         return {"script": str(script), "config": str(config_path), "job_id": out.split(";")[0]}
-    if backend == "k8s":
-        manifest = jobs_dir / f"{spec.job_name}.k8s.yaml"
-        manifest.write_text(render_k8s(cfg, spec))
-        if dry_run:
-            return {"manifest": str(manifest)}
-        _run(["kubectl", "apply", "-f", str(manifest)])
-        return {"manifest": str(manifest), "job_id": spec.job_name}
-    raise ConfigError(f"unknown backend {backend!r}: choose local, slurm or k8s")
+    manifest = jobs_dir / f"{spec.job_name}.k8s.yaml"
+    manifest.write_text(render_k8s(cfg, spec))
+    if dry_run:
+        return {"manifest": str(manifest)}
+    _run(["kubectl", "apply", "-f", str(manifest)])
+    return {"manifest": str(manifest), "job_id": spec.job_name}

@@ -2,6 +2,12 @@
 
 The default store is a local SQLite file under the run's workdir, so nothing needs to be running; point
 `tracking.tracking_uri` at an `mlflow server` (HTTP) to share runs across a team.
+
+Stages know nothing of MLflow: each returns a result whose `record()` is a `StageRecord` (the config section to
+log as params, metrics, artifacts, tags). `track_stage` is the one function that runs a stage inside its MLflow
+run and records it; the CLI and the Prefect flows both call it, so `--no-tracking` (`tracking.enabled=false`)
+means the same everywhere. Pretraining's ranks run in other processes: the launching process opens the run,
+`rank_env` names it in the ranks' environment, and rank 0 logs into it through `rank_run` and `log_metrics`.
 """
 
 from __future__ import annotations
@@ -11,10 +17,11 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bertscale.config import PipelineConfig, dump_config, flatten
 from bertscale.errors import BertscaleError
@@ -23,6 +30,10 @@ log = logging.getLogger(__name__)
 
 # MLflow rejects param values longer than this; longer ones are truncated with a marker.
 _MAX_PARAM_LEN = 6000
+# The run rank 0 of a launched pretraining job logs into, named by the launching process (see `rank_env`).
+RUN_ID_ENV = "BERTSCALE_MLFLOW_RUN_ID"
+
+R = TypeVar("R")
 
 
 def _mlflow():
@@ -59,9 +70,9 @@ def stage_run(
 ) -> Iterator[str | None]:
     """An MLflow run for one stage; yields its run id (None when tracking is disabled).
 
-    With `run_id`, resumes that run (a flow creates it and hands its id to a training subprocess). The run is
-    nested under `parent_run_id`, else under the run named by the `BERTSCALE_PARENT_RUN_ID` environment variable,
-    else under this thread's active run, if any.
+    With `run_id`, resumes that run (rank 0 of a launched job: `rank_run`; the registry logging into a finished
+    pretraining run). The run is nested under `parent_run_id`, else under the run named by the
+    `BERTSCALE_PARENT_RUN_ID` environment variable, else under this thread's active run, if any.
     """
     if not cfg.tracking.enabled:
         yield None
@@ -77,9 +88,72 @@ def stage_run(
         yield run.info.run_id
 
 
+@dataclass
+class StageRecord:
+    """What a stage reports to tracking: plain data, built by the stage's result (`result.record()`)."""
+
+    section: str | None  # the config section logged as params (None: the whole config)
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: list[tuple[Path, str | None]] = field(default_factory=list)  # (local file or dir, artifact folder)
+    documents: dict[str, Any] = field(default_factory=dict)  # artifact name -> JSON-able object
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def record(cfg: PipelineConfig, result: Any) -> None:
+    """Log a stage's record to the active run: its config section as params (and the whole config as
+    `config.yaml`), then its metrics, artifacts, documents and tags."""
+    rec: StageRecord = result.record()
+    log_config(cfg, rec.section)
+    log_metrics(rec.metrics)
+    for path, folder in rec.artifacts:
+        log_artifact(path, folder)
+    for name, obj in rec.documents.items():
+        log_json(obj, name)
+    set_tags(rec.tags)
+
+
+def track_stage(cfg: PipelineConfig, stage: str, run: Callable[[], R], tags: Mapping[str, str] | None = None,
+                parent_run_id: str | None = None) -> tuple[R, str | None]:
+    """Run one stage (`run()`) inside its MLflow run and record its result; returns (result, run id).
+
+    The one way a stage is tracked, from the CLI and from the flows alike. With tracking disabled the stage just
+    runs (run id None). A stage that raises leaves a FAILED run.
+    """
+    with stage_run(cfg, stage, tags=tags, parent_run_id=parent_run_id) as run_id:
+        result = run()
+        if run_id is not None:
+            record(cfg, result)
+    return result, run_id
+
+
+def rank_env() -> dict[str, str]:
+    """Environment for launched ranks: the active run's id, so rank 0 logs into it (empty without a run)."""
+    run_id = active_run_id() if is_active() else None
+    return {RUN_ID_ENV: run_id} if run_id else {}
+
+
+@contextlib.contextmanager
+def rank_run(cfg: PipelineConfig, is_main: bool) -> Iterator[None]:
+    """On rank 0 of a launched job, the run the launching process named (`rank_env`) is active inside; a rank
+    started in-process under an active run keeps that one; any other rank logs nothing."""
+    run_id = os.environ.get(RUN_ID_ENV) if is_main and cfg.tracking.enabled else None
+    if run_id and not is_active():
+        with stage_run(cfg, "pretrain", run_id=run_id):
+            yield
+        return
+    yield
+
+
+def is_active() -> bool:
+    """Whether this process has an MLflow run open; never imports mlflow (a process that has not imported it
+    has no run)."""
+    mlflow = sys.modules.get("mlflow")
+    return mlflow is not None and mlflow.active_run() is not None
+
+
 def create_run(cfg: PipelineConfig, stage: str, tags: Mapping[str, str] | None = None,
                parent_run_id: str | None = None) -> str | None:
-    """Create a run without activating it, for a subprocess to log into (see `stage_run(run_id=...)`)."""
+    """Create a run without activating it, for another process to log into (its id in `RUN_ID_ENV`)."""
     if not cfg.tracking.enabled:
         return None
     configure(cfg)

@@ -5,32 +5,19 @@ from __future__ import annotations
 from prefect import flow, task
 
 from bertscale import tracking
-from bertscale.config import PipelineConfig, is_uri
+from bertscale.config import PipelineConfig
 from bertscale.corpus import run_corpus
 from pipelines import runtime
 
 
 def corpus_tracked(cfg: PipelineConfig, tags: dict[str, str] | None = None,
                    parent_run_id: str | None = None) -> dict:
-    """Run the stage in an MLflow run: config as params, per-rule counts as metrics, the manifest as artifact."""
-    with tracking.stage_run(cfg, "corpus", tags={**runtime.prefect_tags(), **(tags or {})},
-                            parent_run_id=parent_run_id) as run_id:
-        result = run_corpus(cfg)
-        digest = result.manifest_sha256
-        tracking.log_config(cfg, "corpus")
-        tracking.log_metrics({f"corpus.{k}": v for k, v in result.counts.items()})
-        if is_uri(str(result.output_dir)):
-            # The manifest and quarantine stay in the object store; the run records where.
-            tracking.set_tags({"bertscale.corpus_output": str(result.output_dir)})
-        else:
-            tracking.log_artifact(result.manifest_path)
-            quarantine = result.output_dir / "quarantine.jsonl"
-            if quarantine.exists():
-                tracking.log_artifact(quarantine)
-        tracking.set_tags({"bertscale.corpus_manifest_sha256": digest})
+    """Run the stage in its MLflow run (`tracking.track_stage`), and publish its counts on the flow run."""
+    result, run_id = tracking.track_stage(cfg, "corpus", lambda: run_corpus(cfg),
+                                          tags={**runtime.prefect_tags(), **(tags or {})}, parent_run_id=parent_run_id)
     runtime.markdown("corpus-summary", runtime.counts_markdown("Corpus", result.counts), "Corpus stage counts")
-    return {"output_dir": str(result.output_dir), "manifest_sha256": digest, "counts": result.counts,
-            "mlflow_run_id": run_id}
+    return {"output_dir": str(result.output_dir), "manifest_sha256": result.manifest_sha256,
+            "counts": result.counts, "mlflow_run_id": run_id}
 
 
 corpus_task = task(name="corpus", retries=1, retry_delay_seconds=10, retry_condition_fn=runtime.retry_transient)(

@@ -11,15 +11,11 @@ from pipelines import runtime
 
 
 def data_tracked(cfg: PipelineConfig, corpus: str | None = None, tokenizer: str | None = None,
-              tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> dict:
-    """Build the instances; log the instance stats as metrics and the manifest as an artifact."""
-    with tracking.stage_run(cfg, "data", tags={**runtime.prefect_tags(), **(tags or {})},
-                            parent_run_id=parent_run_id) as run_id:
-        result = build_pretraining_data(cfg, corpus=corpus, tokenizer=tokenizer)
-        tracking.log_config(cfg, "data")
-        numeric = {k: v for k, v in result.stats.items() if isinstance(v, (int, float))}
-        tracking.log_metrics({f"data.{k}": v for k, v in numeric.items()})
-        tracking.log_json(result.manifest, "manifest.json")
+                 tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> dict:
+    """Build the instances in their MLflow run (`tracking.track_stage`); publish the instance stats."""
+    result, run_id = tracking.track_stage(
+        cfg, "data", lambda: build_pretraining_data(cfg, corpus=corpus, tokenizer=tokenizer),
+        tags={**runtime.prefect_tags(), **(tags or {})}, parent_run_id=parent_run_id)
     runtime.markdown("pretraining-data-summary", runtime.counts_markdown("Pretraining data", result.stats))
     return {"output_dir": str(result.output_dir), "stats": result.stats, "mlflow_run_id": run_id}
 

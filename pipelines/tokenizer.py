@@ -11,16 +11,10 @@ from pipelines import runtime
 
 
 def tokenizer_tracked(cfg: PipelineConfig, corpus: str | None = None, tags: dict[str, str] | None = None,
-                   parent_run_id: str | None = None) -> dict:
-    """Train (or import) the tokenizer; log its files as artifacts and its vocabulary/quality stats."""
-    with tracking.stage_run(cfg, "tokenizer", tags={**runtime.prefect_tags(), **(tags or {})},
-                            parent_run_id=parent_run_id) as run_id:
-        result = train_tokenizer(cfg, corpus=corpus)
-        tracking.log_config(cfg, "tokenizer")
-        tracking.log_metrics({f"tokenizer.{k}": v for k, v in result.stats.items()})
-        tracking.log_metrics({"tokenizer.vocab_size": result.vocab_size})
-        tracking.log_artifact(result.output_dir, "tokenizer")
-        tracking.set_tags({"bertscale.tokenizer_fingerprint": result.fingerprint})
+                      parent_run_id: str | None = None) -> dict:
+    """Train (or import) the tokenizer in its MLflow run (`tracking.track_stage`); publish its stats."""
+    result, run_id = tracking.track_stage(cfg, "tokenizer", lambda: train_tokenizer(cfg, corpus=corpus),
+                                          tags={**runtime.prefect_tags(), **(tags or {})}, parent_run_id=parent_run_id)
     runtime.markdown("tokenizer-summary", runtime.counts_markdown(
         "Tokenizer", {"vocab_size": result.vocab_size, "fingerprint": result.fingerprint[:16], **result.stats}))
     # `vocab_fingerprint` too: in the pipeline, `fingerprint` is replaced by the stage output's fingerprint.

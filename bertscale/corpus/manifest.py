@@ -7,11 +7,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from bertscale.config import CorpusConfig
+from bertscale.config import CorpusConfig, is_uri
 from bertscale.corpus.dedup import lsh_params
 from bertscale.corpus.filters import RULE_NAMES
 from bertscale.corpus.output import SHARD_SCHEMA, join, read_bytes
 from bertscale.errors import InputError
+from bertscale.tracking import StageRecord
 
 BASE_COUNTS = ("read", "passed", "kept", "filtered", "duplicates", "exact_duplicates", "near_duplicates",
                "quarantined", "utf8_repaired_docs", "invalid_utf8_bytes", "unparsed_lines", "unterminated_docs")
@@ -39,6 +40,18 @@ class CorpusResult:
             f"quarantined {c['quarantined']}",
             f"  {c['shards']} shard(s), {c['output_text_bytes'] / 2**20:.1f} MiB of text -> {self.output_dir}",
         ])
+
+    def record(self) -> StageRecord:
+        """For tracking: the corpus section, per-rule counts, the manifest and quarantine (or, for an object
+        store output, where they stay), and the manifest's hash."""
+        rec = StageRecord("corpus", metrics={f"corpus.{k}": v for k, v in self.counts.items()},
+                          tags={"bertscale.corpus_manifest_sha256": self.manifest_sha256})
+        if is_uri(str(self.output_dir)):
+            rec.tags["bertscale.corpus_output"] = str(self.output_dir)
+        else:
+            quarantine = Path(self.output_dir) / "quarantine.jsonl"
+            rec.artifacts = [(Path(self.manifest_path), None)] + ([(quarantine, None)] if quarantine.exists() else [])
+        return rec
 
 
 def _first_quarantine_reason(out_dir: str) -> str:

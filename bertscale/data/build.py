@@ -44,6 +44,7 @@ from bertscale.data.nsp_pool import PoolSample, build_pool, per_shard_counts
 from bertscale.data.shards import SPLITS, BuildSettings, ShardJob, build_shard, shard_name
 from bertscale.data.storage import remove_stale, write_json
 from bertscale.errors import InputError
+from bertscale.tracking import StageRecord
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,12 @@ class DataResult:
                 )
         lines.append(f"  took {s['seconds']:.1f} s")
         return "\n".join(lines)
+
+    def record(self) -> StageRecord:
+        """For tracking: the data section, the numeric instance stats and the manifest."""
+        numeric = {k: v for k, v in self.stats.items() if isinstance(v, (int, float))}
+        return StageRecord("data", metrics={f"data.{k}": v for k, v in numeric.items()},
+                           documents={"manifest.json": self.manifest})
 
 
 # ----------------------------------------------------------------------------------------------------------------

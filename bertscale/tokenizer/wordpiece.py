@@ -29,6 +29,7 @@ from tokenizers.models import WordPiece
 
 from bertscale.config import PipelineConfig, TokenizerConfig
 from bertscale.errors import ConfigError, InputError
+from bertscale.tracking import StageRecord
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,13 @@ class TokenizerResult:
                 "empty docs skipped)"
             )
         return "\n".join(lines)
+
+    def record(self) -> StageRecord:
+        """For tracking: the tokenizer section, vocabulary/quality stats, the tokenizer files, the fingerprint."""
+        return StageRecord("tokenizer", metrics={**{f"tokenizer.{k}": v for k, v in self.stats.items()},
+                                                 "tokenizer.vocab_size": self.vocab_size},
+                           artifacts=[(self.output_dir, "tokenizer")],
+                           tags={"bertscale.tokenizer_fingerprint": self.fingerprint})
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -23,10 +23,10 @@ import torch
 
 from bertscale.config import TrainConfig
 from bertscale.errors import ConfigError
+from bertscale.resources import resource
 
 log = logging.getLogger(__name__)
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class EngineSpec:
     micro_batch_size: int
     grad_accum: int = 1
     grad_clip: float = 1.0
-    base_config: str | None = None  # a DeepSpeed JSON to start from; None: configs/deepspeed/zero<stage>.json
+    base_config: str | None = None  # a DeepSpeed JSON to start from; None: the shipped zero<stage>.json
 
     @classmethod
     def from_train(cls, train: TrainConfig) -> EngineSpec:
@@ -47,8 +47,9 @@ class EngineSpec:
 
 
 def base_ds_config(zero_stage: int, path: str | Path | None = None) -> dict:
-    """The base DeepSpeed config of a ZeRO stage: `path`, else configs/deepspeed/zero<stage>.json."""
-    p = Path(path) if path else DS_CONFIG_DIR / f"zero{zero_stage}.json"
+    """The base DeepSpeed config of a ZeRO stage: `path`, else the package's deepspeed/zero<stage>.json
+    (`bertscale.resources`; the repository's configs/deepspeed links to it)."""
+    p = Path(path) if path else resource(f"deepspeed/zero{zero_stage}.json")
     if not p.is_file():
         if path:
             raise ConfigError(f"train.ds_config file {p} does not exist")

@@ -1,7 +1,10 @@
 """Start the ranks of a pretraining job: the DeepSpeed launcher, torchrun, or SLURM's srun.
 
-Every rank runs `python -m bertscale.train --config <resolved config>`; the config is written once, fully
-resolved, so that all ranks (and nodes) train with exactly the same settings. Layouts:
+The one launch path. `check_inputs` catches a user's mistakes (no data, no tokenizer, a missing `init_from`, an
+unwritable output) in the calling process, before any launcher starts. `write_config` writes the resolved
+config (overrides applied) once; every rank runs `rank_command`: `python -u -m bertscale.train --config <it>`,
+so that all ranks (and nodes) train with exactly the same settings. The local launchers below, the SLURM and
+Kubernetes jobs (`bertscale.jobs`) and the pretraining flow all wrap that one command. Layouts:
 
 - one node, N processes: `deepspeed --num_gpus N` (on CPU the ranks talk over gloo) or `torchrun --nproc_per_node N`;
 - several nodes over ssh: a DeepSpeed hostfile (`hostname slots=N` per line);
@@ -19,18 +22,23 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal
 
 import yaml
 
+from bertscale import tracking
 from bertscale.config import PipelineConfig, dump_config
-from bertscale.errors import ConfigError
+from bertscale.data.dataset import PretrainingDataset
+from bertscale.errors import BertscaleError, ConfigError, InputError
+from bertscale.tokenizer import load_tokenizer
 from bertscale.train.distributed import DEFAULT_MASTER_PORT, free_port
+from bertscale.train.run import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +77,21 @@ class LaunchSpec:
             raise ConfigError(f"hostfile {self.hostfile} does not exist")
 
 
-def rank_args(config_file: Path, data: str | Path | None, tokenizer: str | Path | None) -> list[str]:
-    """What every rank runs after the launcher's own arguments."""
+def rank_args(config_file: str | Path, data: str | Path | None = None, tokenizer: str | Path | None = None
+              ) -> list[str]:
+    """What every rank runs after the interpreter (and the launcher's own arguments)."""
     args = ["-m", "bertscale.train", "--config", str(config_file)]
     if data:
         args += ["--data", str(data)]
     if tokenizer:
         args += ["--tokenizer", str(tokenizer)]
     return args
+
+
+def rank_command(config_file: str | Path, data: str | Path | None = None, tokenizer: str | Path | None = None,
+                 python: str = sys.executable) -> list[str]:
+    """The command of one rank, whatever starts it (srun runs it as is; the others take `rank_args`)."""
+    return [python, "-u", *rank_args(config_file, data, tokenizer)]
 
 
 def write_hostfile(path: Path, nnodes: int, slots: int) -> Path:
@@ -132,23 +147,90 @@ def build_command(spec: LaunchSpec, config_file: Path, data: str | Path | None =
 STALE_RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")
 
 
-def write_config(cfg: PipelineConfig) -> Path:
-    """The resolved config every rank reads (overrides already applied)."""
-    out = cfg.stage_dir("train")
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "launch-config.yaml"
-    path.write_text(yaml.safe_dump(dump_config(cfg), sort_keys=False))
+CONFIG_FILE = "launch-config.yaml"
+
+
+def config_text(cfg: PipelineConfig) -> str:
+    """The resolved config as YAML: what every rank of every launch path reads."""
+    return yaml.safe_dump(dump_config(cfg), sort_keys=False)
+
+
+def write_config(cfg: PipelineConfig, path: str | Path | None = None) -> Path:
+    """Write the resolved config (overrides already applied) for the ranks; default `<train out>/launch-config.yaml`."""
+    if path is None:
+        out = cfg.stage_dir("train")
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / CONFIG_FILE
+    path = Path(path)
+    path.write_text(config_text(cfg))
     return path.resolve()
+
+
+def check_inputs(cfg: PipelineConfig, data: str | Path | None = None, tokenizer: str | Path | None = None) -> None:
+    """What a user can get wrong, checked here before any launcher starts: the tokenizer, the data of every
+    phase (manifest and shard files), `train.init_from` when there is nothing to resume, and a writable output
+    dir. Raises the error the ranks would have raised, as one line."""
+    tok_dir = Path(tokenizer) if tokenizer else cfg.stage_dir("tokenizer")
+    data_dir = Path(data) if data else cfg.stage_dir("data")
+    load_tokenizer(tok_dir)
+    for seq_len in cfg.data.seq_lengths:
+        PretrainingDataset(data_dir, seq_len, "train")
+    out = cfg.stage_dir("train")
+    ref = cfg.train.init_from
+    resumable = cfg.train.resume and (out / "checkpoints" / "latest").is_file()
+    if ref and not resumable and not ref.startswith("models:/") and not Path(ref).exists():
+        raise ConfigError(f"train.init_from={ref} does not exist: give an HF dir, a DeepSpeed checkpoint dir or "
+                          "models:/<name>@<alias>")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise InputError(f"cannot write to the train output dir {out}: {e.strerror or e}; set train.output "
+                         "(or --workdir) to a writable directory") from None
+
+
+class LaunchFailed(BertscaleError):
+    """The launched ranks exited with a non-zero status (already reported on their output)."""
+
+    def __init__(self, exit_code: int, tail: list[str]) -> None:
+        super().__init__(f"pretraining exited with code {exit_code}" +
+                         (":\n" + "\n".join(tail) if tail else ""))
+        self.exit_code = exit_code
+
+
+def launch_pretraining(cfg: PipelineConfig, spec: LaunchSpec, data: str | Path | None = None,
+                       tokenizer: str | Path | None = None, output: Callable[[str], None] | None = None
+                       ) -> TrainResult:
+    """Launch the job, wait for it and return rank 0's `TrainResult`; `LaunchFailed` if it did not succeed.
+
+    What the CLI and the pretraining flow run inside `tracking.track_stage`: the active MLflow run is named in
+    the ranks' environment, so rank 0 logs its step metrics into it.
+    """
+    tail: list[str] = []
+
+    def keep(line: str) -> None:
+        tail[:] = (tail + [line])[-20:]
+        if output is not None:
+            output(line)
+
+    code = launch(cfg, spec, data=data, tokenizer=tokenizer, output=keep if output is not None else None)
+    if code != 0:
+        raise LaunchFailed(code, tail)
+    return TrainResult.load(cfg.stage_dir("train"))
 
 
 def launch(cfg: PipelineConfig, spec: LaunchSpec, config_path: str | Path | None = None,
            overrides: list[str] | None = None, data: str | Path | None = None,
-           tokenizer: str | Path | None = None) -> int:
-    """Run the job in the foreground, its output streamed to ours; returns the launcher's exit code.
+           tokenizer: str | Path | None = None, output: Callable[[str], None] | None = None) -> int:
+    """Check the inputs, write the resolved config and run the job in the foreground; returns the launcher's
+    exit code. Its output goes to ours, or line by line to `output` (progress-bar redraws dropped).
 
     `config_path` and `overrides` are what `cfg` was loaded from; they are recorded in the log, while the
     ranks read the resolved `cfg` itself. SIGINT/SIGTERM are forwarded so the ranks checkpoint and stop.
     """
+    spec.validate()
+    check_inputs(cfg, data, tokenizer)
     cmd, extra_env = build_command(spec, write_config(cfg), data, tokenizer)
     log.info("launching %d process(es) x %d node(s) from %s %s: %s", spec.num_procs, spec.nnodes,
              config_path or "defaults", " ".join(overrides or []), shlex.join(cmd))
@@ -159,7 +241,10 @@ def launch(cfg: PipelineConfig, spec: LaunchSpec, config_path: str | Path | None
         # Ranks read RANK/WORLD_SIZE before SLURM's ids: stale ones from this shell would make every task rank 0.
         for name in STALE_RANK_VARS:
             base.pop(name, None)
-    proc = subprocess.Popen(cmd, env={**base, **extra_env}, start_new_session=True)
+    env = {**base, **tracking.rank_env(), **extra_env}
+    # Binary, so the progress bar's carriage returns survive to `output_lines`, which drops its redraws.
+    pipe = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "bufsize": 0} if output else {}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, **pipe)
     signalled: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
@@ -170,6 +255,10 @@ def launch(cfg: PipelineConfig, spec: LaunchSpec, config_path: str | Path | None
     in_main = threading.current_thread() is threading.main_thread()  # handlers can only be set there
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
     try:
+        if output is not None:
+            assert proc.stdout is not None
+            for line in output_lines(proc.stdout):
+                output(line)
         code = proc.wait()
         if signalled:
             wait_for_group(proc.pid, STOP_GRACE_S)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -107,7 +106,7 @@ class MetricsSink:
     def __init__(self, out: Path, env: DistEnv, start_step: int, max_steps: int) -> None:
         self.enabled = env.is_main
         self.path = out / STEPS_FILE
-        self.mlflow = self.enabled and mlflow_active()
+        self.tracked = self.enabled and tracking.is_active()  # rank 0 inside an MLflow run
         self.bar = None
         if not self.enabled:
             return
@@ -130,20 +129,12 @@ class MetricsSink:
         if self.bar is not None and prefix == "train":
             self.bar.set_postfix(shown)
         log.info("step %d %s: %s", step, prefix, ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
-        if self.mlflow:
+        if self.tracked:
             tracking.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()}, step=step)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def mlflow_active() -> bool:
-    """True if a flow handed us a run id, or the caller has an MLflow run open (mlflow already imported)."""
-    if os.environ.get("BERTSCALE_MLFLOW_RUN_ID"):
-        return True
-    mlflow = sys.modules.get("mlflow")
-    return mlflow is not None and mlflow.active_run() is not None
 
 
 def truncate_steps(path: Path, start_step: int) -> None:

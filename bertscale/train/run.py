@@ -1,8 +1,9 @@
 """One pretraining run on this rank: `pretrain(cfg)` runs inside every launched process.
 
 It joins the process group, loads the tokenizer and the sequence-length phases, plans the resume (or the warm
-start), builds the DeepSpeed engine, runs the loop (`bertscale.train.loop`) inside rank 0's MLflow run, writes
-the final checkpoint and, on rank 0, exports `<out>/hf` and `train_result.json`. `exit_code` turns the result
+start), builds the DeepSpeed engine, runs the loop (`bertscale.train.loop`) inside rank 0's MLflow run (the one the
+launching process opened: `tracking.rank_run`), writes the final checkpoint and, on rank 0, exports `<out>/hf` and
+`train_result.json`. `exit_code` turns the result
 into the process's exit status.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ import torch
 
 from bertscale import tracking
 from bertscale.config import PipelineConfig
+from bertscale.errors import InputError
 from bertscale.model import BertForPreTraining, config_from_pipeline
 from bertscale.model.weights import copy_tokenizer_files, export_checkpoint
 from bertscale.tokenizer import load_tokenizer
@@ -32,9 +33,11 @@ from bertscale.train.metrics import MetricsSink, make_throughput
 from bertscale.train.optim import build_optimizer
 from bertscale.train.phases import load_phases
 from bertscale.train.resume import initial_weights, plan_resume, resume_hint
+from bertscale.tracking import StageRecord
 
 log = logging.getLogger(__name__)
 
+RESULT_FILE = "train_result.json"
 EXIT_SIGNALLED = 128 + 15  # a signal-stopped run: 128 + SIGTERM, as a shell reports a process killed by it
 
 
@@ -61,6 +64,32 @@ class TrainResult:
                  f"  last checkpoint: {self.checkpoint}", f"  HF export: {self.hf_dir}"]
         lines += [f"  {k}: {v:.4f}" for k, v in sorted(self.metrics.items())]
         return "\n".join(lines)
+
+    def save(self) -> None:
+        """Rank 0 writes `<out>/train_result.json`: how the launching process learns what the ranks did."""
+        (self.output_dir / RESULT_FILE).write_text(json.dumps(
+            {**self.__dict__, "output_dir": str(self.output_dir), "checkpoint": str(self.checkpoint),
+             "hf_dir": str(self.hf_dir)}, indent=2, default=str))
+
+    @classmethod
+    def load(cls, out: str | Path) -> TrainResult:
+        """The result rank 0 saved in `out`."""
+        path = Path(out) / RESULT_FILE
+        if not path.is_file():
+            raise InputError(f"{path} not found: the pretraining job did not finish")
+        d = json.loads(path.read_text())
+        for key in ("output_dir", "checkpoint", "hf_dir"):
+            d[key] = None if d[key] in (None, "None") else Path(d[key])
+        return cls(**d)
+
+    def record(self) -> StageRecord:
+        """For tracking: the train section and the run's outcome (rank 0 logged the step metrics live)."""
+        metrics = {"pretrain.final_step": self.final_step, "pretrain.tokens_per_s": self.tokens_per_s,
+                   "pretrain.skipped_steps": self.skipped_steps,
+                   "pretrain.overflow_skipped_steps": self.overflow_skipped_steps}
+        if self.mfu is not None:
+            metrics["pretrain.mfu"] = self.mfu
+        return StageRecord("train", metrics=metrics, tags={"pretrain.stopped": self.stopped})
 
 
 def build_engine(model: torch.nn.Module, cfg: PipelineConfig, env: DistEnv, load_universal: bool = False) -> Any:
@@ -110,11 +139,8 @@ def pretrain(cfg: PipelineConfig, data: str | Path | None = None, tokenizer: str
             trainer = Trainer(cfg, env, engine, phases, tok, model_cfg, out, addresses, ckpt)
             with trainer_peer_failure(trainer, "resume"):
                 trainer.resume(tag, universal)
-            run_id = os.environ.get("BERTSCALE_MLFLOW_RUN_ID") if env.is_main and cfg.tracking.enabled else None
-            if run_id:
-                with tracking.stage_run(cfg, "pretrain", run_id=run_id):
-                    return train_and_export(trainer, tok_dir)
-            return train_and_export(trainer, tok_dir)
+            with tracking.rank_run(cfg, env.is_main):
+                return train_and_export(trainer, tok_dir)
         finally:
             deepspeed_engine.destroy(engine)
 
@@ -135,7 +161,7 @@ def train_and_export(trainer: Trainer, tok_dir: Path) -> TrainResult:
         throughput = {p.seq_len: make_throughput(trainer.model_cfg, p.seq_len, cfg.train, device, env.world_size)
                       for p in trainer.phases}
     sink = MetricsSink(out, env, trainer.step, cfg.train.max_steps)
-    if sink.mlflow:
+    if sink.tracked:
         tracking.set_tags({"pretrain.world_size": env.world_size, "pretrain.zero_stage": cfg.train.zero_stage,
                            "pretrain.precision": cfg.train.precision, "pretrain.device": device.type})
     if env.world_size > 1:
@@ -159,7 +185,5 @@ def train_and_export(trainer: Trainer, tok_dir: Path) -> TrainResult:
     result = TrainResult(out, trainer.step, dict(trainer.last_metrics), trainer.last_checkpoint, hf_dir, tps, mfu,
                          trainer.bad.total, stopped, trainer.overflow_skips)
     if env.is_main:
-        (out / "train_result.json").write_text(json.dumps({**result.__dict__, "output_dir": str(out),
-                                                          "checkpoint": str(result.checkpoint),
-                                                          "hf_dir": str(hf_dir)}, indent=2, default=str))
+        result.save()
     return result
