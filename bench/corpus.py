@@ -104,7 +104,7 @@ def beam_stage(paths: list[str], workers: int, tmp: str) -> tuple[float, dict]:
     cfg = load_config(None, [f"workdir={tmp}/beam-{workers}", f"corpus.runner.num_workers={workers}"],
                       extra={"corpus": {"inputs": paths}})
     start = time.perf_counter()
-    result = run_corpus(cfg, progress=False)
+    result = run_corpus(cfg)
     return time.perf_counter() - start, result
 
 

@@ -84,14 +84,14 @@ def local_cluster(tmp: Path, workers: int = 2) -> Iterator[tuple[str, list[subpr
 def direct(inputs, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("direct")
     result = run_corpus(load_config(None, overrides(root, "corpus.runner.num_workers=2"),
-                                    extra={"corpus": {"inputs": inputs}}), progress=False)
+                                    extra={"corpus": {"inputs": inputs}}))
     return result.output_dir
 
 
 def test_dask_cluster_writes_the_direct_runners_shards(inputs, direct, tmp_path):
     with local_cluster(tmp_path) as (address, _):
         result = run_corpus(load_config(None, dask_overrides(tmp_path / "work", address),
-                                        extra={"corpus": {"inputs": inputs}}), progress=False)
+                                        extra={"corpus": {"inputs": inputs}}))
     c = result.counts
     assert c["read"] == c["kept"] + c["filtered"] + c["duplicates"] + c["quarantined"]
     got, want = shards(result.output_dir), shards(direct)
