@@ -7,9 +7,9 @@ shard names, sizes and checksums, input fingerprints), from which it writes `man
     units -GBK-> Process: read, clean, filter, MinHash, split; per unit a spill parquet and two key files sorted
                  by bucket; (key file spans, counts, quarantine)
       exact key spans -GBK(bucket)-> read spans -> exact drops -----------+
-      band key spans  -GBK(bucket)-> read spans -> candidate pairs ->     |
-                 signatures (read from                                    |
-                 spills, exact drops excluded) -> verified edges ->       |
+      band key spans  -GBK(bucket)-> read spans -> candidate pairs        |
+                 -GBK(unit pair)-> verify (signatures read from the two   |
+                 spills) -> edges -CoGBK(unit)x2-> minus exact drops ->   |
                  connected components -> near drops -------------------- +-> drops per unit -> kept rows + sizes
       kept sizes -> prefix offsets (joined per unit) -> shard slot per doc -CoGBK(slot, rank)-> WriteShard
       counts, drops, shard infos, fingerprints -GBK(one key)-> summary.json; quarantine -GBK-> quarantine.jsonl
@@ -44,7 +44,6 @@ import numpy as np
 from bertscale.config import CorpusConfig, PipelineConfig, is_uri
 from bertscale.corpus.dedup import (
     candidates_in_bucket,
-    estimated_jaccard,
     exact_drops_in_bucket,
     initial_label,
     label_conflicts,
@@ -77,7 +76,7 @@ from bertscale.corpus.runners import (
     ship_code,
     validate_runner,
 )
-from bertscale.corpus.units import UnitProcessor, UnitResult, doc_ref, read_keys, ref_row, ref_unit, spill_path
+from bertscale.corpus.units import UnitProcessor, UnitResult, read_keys, ref_row, ref_unit, spill_path
 from bertscale.errors import BertscaleError
 
 __all__ = ["CorpusResult", "build_graph", "check_pipeline_options", "check_runner_name", "dedup_buckets",
@@ -138,34 +137,56 @@ def rows_by_unit(refs: Iterable[int]) -> Iterator[tuple[int, list[int]]]:
     yield from parts.items()
 
 
-def load_signatures(element: tuple[int, dict], work_dir: str) -> Iterator[tuple[int, bytes]]:
-    """MinHash signatures of a unit's candidate documents, read from its spill; exact drops are left out, so
-    near-duplicate clustering only sees documents that survived exact dedup."""
-    unit, parts = element
-    wanted = set(parts["want"]).difference(row for batch in parts["exact"] for row in batch)
-    if not wanted:
+_ROWS = np.int64(0xFFFFFFFF)
+_VERIFY_CHUNK = 1 << 16  # candidate pairs compared at once: bounds the (pairs x num_perm) comparison
+
+
+def pairs_by_units(pairs: list[tuple[int, int]]) -> Iterator[tuple[tuple[int, int], bytes]]:
+    """Candidate pairs keyed by the units of their two documents, packed: the verifier of a unit pair then
+    reads the signatures of just two spill files, and no signature ever crosses a shuffle."""
+    if not pairs:
         return
-    column = read_spill(spill_path(work_dir, unit), ["minhash"]).column(0)
-    for row in sorted(wanted):
-        yield doc_ref(unit, row), column[row].as_py()
+    arr = np.asarray(pairs, dtype=np.int64)
+    units = arr >> 32
+    order = np.lexsort((units[:, 1], units[:, 0]))
+    arr, units = arr[order], units[order]
+    change = np.flatnonzero(np.r_[True, (units[1:] != units[:-1]).any(axis=1)])
+    for start, end in zip(change.tolist(), [*change[1:].tolist(), len(arr)]):
+        yield (int(units[start, 0]), int(units[start, 1])), arr[start:end].tobytes()
 
 
-def forward_signature(element: tuple[int, dict]) -> Iterator[tuple[int, tuple[int, bytes]]]:
-    """(b, (a, sig_a)) for each candidate pair (a, b) whose `a` has a signature."""
-    a, parts = element
-    if parts["sig"]:
-        for b in sorted(set(parts["pair"])):
-            yield b, (a, parts["sig"][0])
+def unit_signatures(work_dir: str, unit: int, rows: np.ndarray) -> np.ndarray:
+    """MinHash signatures (len(rows) x num_perm, uint32) of the given ascending rows of a unit's spill file,
+    read a row group at a time."""
+    values = [v for chunk in read_spill_rows(spill_path(work_dir, unit), rows, ["minhash"])
+              for v in chunk.column(0).to_pylist()]
+    return np.frombuffer(b"".join(values), dtype=np.uint32).reshape(len(rows), -1)
 
 
-def verify_pairs(element: tuple[int, dict], threshold: float) -> Iterator[tuple[int, int]]:
-    """Verified edges (a, b): both have signatures and their estimated Jaccard reaches the threshold."""
-    b, parts = element
-    if parts["sig"]:
-        sig_b = np.frombuffer(parts["sig"][0], dtype=np.uint32)
-        for a, sig_a in parts["pair"]:
-            if estimated_jaccard(np.frombuffer(sig_a, dtype=np.uint32), sig_b) >= threshold:
-                yield a, b
+def verify_unit_pair(element: tuple[tuple[int, int], Iterable[bytes]], work_dir: str,
+                     threshold: float) -> Iterator[tuple[int, int]]:
+    """Verified edges (a, b) among the candidate pairs of one unit pair: estimated Jaccard >= threshold."""
+    (unit_a, unit_b), batches = element
+    pairs = np.unique(np.concatenate([np.frombuffer(b, dtype=np.int64).reshape(-1, 2) for b in batches]), axis=0)
+    rows_a, rows_b = np.unique(pairs[:, 0] & _ROWS), np.unique(pairs[:, 1] & _ROWS)
+    sig_a = unit_signatures(work_dir, unit_a, rows_a)
+    sig_b = sig_a if unit_b == unit_a and np.array_equal(rows_a, rows_b) else unit_signatures(work_dir, unit_b, rows_b)
+    for start in range(0, len(pairs), _VERIFY_CHUNK):
+        chunk = pairs[start:start + _VERIFY_CHUNK]
+        same = (sig_a[np.searchsorted(rows_a, chunk[:, 0] & _ROWS)]
+                == sig_b[np.searchsorted(rows_b, chunk[:, 1] & _ROWS)])
+        for a, b in chunk[same.mean(axis=1) >= threshold].tolist():
+            yield a, b
+
+
+def without_exact_drops(element: tuple[int, dict], side: int) -> Iterator[tuple[int, tuple[int, int]]]:
+    """The edges of one unit (joined on the unit of their end `side`) whose end is not an exact duplicate:
+    near-duplicate clustering only sees documents that survived exact dedup. Re-keyed by the other end's unit."""
+    unit, parts = element
+    dropped = {row for batch in parts["exact"] for row in batch}
+    for edge in parts["edge"]:
+        if ref_row(edge[side]) not in dropped:
+            yield ref_unit(edge[1 - side]), edge
 
 
 def _spread(element: tuple[int, dict]) -> Iterator[tuple[int, int]]:
@@ -309,17 +330,18 @@ def near_drops(results, exact_batches, cfg: CorpusConfig, plan: StagePlan):
                   | "BandBuckets" >> beam.FlatMap(key_spans, "bands")
                   | "GroupBands" >> beam.GroupByKey()
                   | "Candidates" >> beam.FlatMap(
-                      lambda kv: candidates_in_bucket(read_keys(plan.work_dir, "bands", kv[1]))))
-    wanted = candidates | "WantedRows" >> beam.FlatMap(lambda ab: ((ref_unit(x), ref_row(x)) for x in ab))
-    signatures = ({"want": wanted, "exact": exact_batches}
-                  | "JoinWanted" >> beam.CoGroupByKey()
-                  | "Signatures" >> beam.FlatMap(load_signatures, plan.work_dir))
-    edges = ({"sig": signatures, "pair": candidates}
+                      lambda kv: pairs_by_units(candidates_in_bucket(read_keys(plan.work_dir, "bands", kv[1])))))
+    edges = (candidates
+             | "GroupUnitPairs" >> beam.GroupByKey()
+             | "Verify" >> beam.FlatMap(verify_unit_pair, plan.work_dir, cfg.dedup.threshold)
+             | "ByFirstUnit" >> beam.Map(lambda e: (ref_unit(e[0]), e)))
+    edges = ({"edge": edges, "exact": exact_batches}
              | "JoinFirst" >> beam.CoGroupByKey()
-             | "ForwardSignature" >> beam.FlatMap(forward_signature))
-    edges = ({"sig": signatures, "pair": edges}
+             | "FirstSurvives" >> beam.FlatMap(without_exact_drops, 0))
+    edges = ({"edge": edges, "exact": exact_batches}
              | "JoinSecond" >> beam.CoGroupByKey()
-             | "Verify" >> beam.FlatMap(verify_pairs, cfg.dedup.threshold))
+             | "SecondSurvives" >> beam.FlatMap(without_exact_drops, 1)
+             | "Edges" >> beam.Values())
     labels, unconverged = connected_components(edges, cfg.dedup.cluster_rounds)
     drops = labels | "NearDrops" >> beam.FlatMapTuple(lambda node, label: [node] if node != label else [])
     return drops, unconverged
