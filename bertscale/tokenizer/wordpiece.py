@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 # Order matters: the trainer assigns ids in this order, so [PAD] is 0 as the model and collator expect.
 SPECIAL_TOKENS: dict[str, str] = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 STATS_FILE = "bertscale_tokenizer.json"
+PROGRESS_SECONDS = 30.0  # between progress lines while the corpus streams into the trainer
 MODEL_MAX_LENGTH = 512
 _CORPUS_SUFFIXES = (".parquet", ".txt")
 
@@ -242,6 +243,7 @@ class CorpusStream:
 
     def __iter__(self) -> Iterator[list[str]]:
         position = 0
+        start = last = time.monotonic()
         for path, n_docs, encoding in zip(self.files, self.doc_counts, self.encodings):
             if n_docs == 0:
                 self.counts["empty_files"] += 1
@@ -263,6 +265,16 @@ class CorpusStream:
                     self.counts["train_docs"] += len(train)
                     self.counts["train_chars"] += sum(map(len, train))
                     yield train
+                if time.monotonic() - last >= PROGRESS_SECONDS:
+                    last = time.monotonic()
+                    self._progress(position, last - start)
+        log.info("tokenizer: all %s documents read in %.0f s (%s trained on); computing the vocabulary",
+                 f"{position:,}", time.monotonic() - start, f"{self.counts['train_docs']:,}")
+
+    def _progress(self, position: int, seconds: float) -> None:
+        log.info("tokenizer: %s of %s documents read (%.0f%%), %s trained on (%.1f MB of text) in %.0f s",
+                 f"{position:,}", f"{self.total_docs:,}", 100 * position / max(self.total_docs, 1),
+                 f"{self.counts['train_docs']:,}", self.counts["train_chars"] / 1e6, seconds)
 
     def read_heldout(self) -> list[str]:
         """Only the held-out sample, reading just the files it lies in (for a tokenizer that is not trained)."""
