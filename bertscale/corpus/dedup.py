@@ -179,8 +179,9 @@ def band_keys(signature: np.ndarray, bands: int, rows: int) -> list[int]:
     return band_key_matrix(signature[None, :], bands, rows)[0].tolist()
 
 
-def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.mean(a == b))
+def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> float | np.ndarray:
+    """Share of equal MinHash values: of two signatures, or row by row of two stacks of signatures."""
+    return np.mean(a == b, axis=-1)
 
 
 def exact_duplicates(pairs: Iterable[tuple[str, str]], sort_key: Callable[[str], Hashable]) -> list[str]:

@@ -44,6 +44,7 @@ import numpy as np
 from bertscale.config import CorpusConfig, PipelineConfig, is_uri
 from bertscale.corpus.dedup import (
     candidates_in_bucket,
+    estimated_jaccard,
     exact_drops_in_bucket,
     initial_label,
     label_conflicts,
@@ -173,9 +174,9 @@ def verify_unit_pair(element: tuple[tuple[int, int], Iterable[bytes]], work_dir:
     sig_b = sig_a if unit_b == unit_a and np.array_equal(rows_a, rows_b) else unit_signatures(work_dir, unit_b, rows_b)
     for start in range(0, len(pairs), _VERIFY_CHUNK):
         chunk = pairs[start:start + _VERIFY_CHUNK]
-        same = (sig_a[np.searchsorted(rows_a, chunk[:, 0] & _ROWS)]
-                == sig_b[np.searchsorted(rows_b, chunk[:, 1] & _ROWS)])
-        for a, b in chunk[same.mean(axis=1) >= threshold].tolist():
+        similarity = estimated_jaccard(sig_a[np.searchsorted(rows_a, chunk[:, 0] & _ROWS)],
+                                       sig_b[np.searchsorted(rows_b, chunk[:, 1] & _ROWS)])
+        for a, b in chunk[similarity >= threshold].tolist():
             yield a, b
 
 
