@@ -3,30 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bertscale import hardware
+
 DOC = re.compile(r"<doc [^>]*>\n(.*?)</doc>", re.S)
 
 
 def cpu_facts() -> dict:
-    """CPU model, cores and bf16 capability, from /proc/cpuinfo (machines differ from run to run, and a CPU
-    without `avx512_bf16`/`amx_bf16` only emulates bf16)."""
-    model, flags = "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model == "unknown":
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    bf16 = sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
-    return {"model": model, "cores": os.cpu_count(), "bf16_flags": bf16}
+    """CPU model, cores and bf16 capability (machines differ from run to run, and a CPU without
+    `avx512_bf16`/`amx_bf16` only emulates bf16), as a JSON-able dict."""
+    cpu = hardware.cpu_facts()
+    return {"model": cpu.model, "cores": cpu.cores, "bf16_flags": cpu.bf16_flags, "native_bf16": cpu.native_bf16}
 
 
 def cpu_line(cpu: dict | None = None) -> str:

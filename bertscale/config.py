@@ -219,7 +219,9 @@ class TrainConfig(Section):
         None, description="Base DeepSpeed JSON config; None = the shipped zero<stage>.json (configs/deepspeed/). Batch size, "
         "accumulation, clipping and precision always come from this section."
     )
-    precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="fp16 needs a GPU.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 where the device computes it natively (CUDA compute capability 8+, a CPU "
+        "with AMX or AVX-512 BF16), else fp32; the run logs its choice. fp16 needs a GPU.")
     optimizer: Literal["adamw", "lamb"] = Field("adamw", description="LAMB only with ZeRO stage 0.")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not on biases and LayerNorm).")
@@ -302,7 +304,8 @@ class FinetuneConfig(Section):
     max_length: int = Field(128, ge=8, description="Max tokens per example.")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps with linear warmup.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
-    precision: Literal["fp32", "bf16"] = Field("bf16", description="Autocast dtype.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Autocast dtype; auto = bf16 where the device computes it natively, else fp32.")
     max_train_examples: int | None = Field(None, ge=1, description="Truncate training sets (debug runs).")
     max_eval_examples: int | None = Field(None, ge=1, description="Truncate dev sets (debug runs).")
     register_models: bool = Field(True, description="Register the best model per task in the MLflow Model Registry.")

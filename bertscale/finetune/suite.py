@@ -31,8 +31,15 @@ from bertscale.errors import BertscaleError, ConfigError, InputError
 from bertscale.finetune import metrics as M
 from bertscale.finetune.encoding import load_checked_tokenizer
 from bertscale.finetune.plots import plot_confusion, plot_learning_curves
-from bertscale.finetune.tasks import GLUE_TASKS, Hparams, TaskSpec, get_task, hparams_for
+from bertscale.finetune.tasks import (
+    GLUE_TASKS,
+    Hparams,
+    TaskSpec,
+    get_task,
+    hparams_for,
+)
 from bertscale.finetune.trainer import TaskResult, finetune_task
+from bertscale.hardware import resolve_precision
 from bertscale.model.weights import resolve_weights
 from bertscale.tokenizer import load_tokenizer, tokenizer_fingerprint
 
@@ -420,6 +427,8 @@ def run_finetune(cfg: PipelineConfig, checkpoint: str | None = None, tokenizer: 
     tok_path = resolve_tokenizer(model_path, tokenizer, cfg)
     load_checked_tokenizer(tok_path, model_path)  # a mismatch fails here, before any job starts
     jobs = build_jobs(cfg, model_path, tok_path, out)
+    chosen = resolve_precision(cfg.finetune.precision, "cuda" if torch.cuda.is_available() else "cpu")
+    log.info("fine-tuning precision %s (%s)", chosen.name, chosen.reason)
     lineage = _lineage(ref, tok_path, tags)
     with tracking.stage_run(cfg, "finetune", tags=lineage, parent_run_id=parent_run_id) as run_id:
         tracking.log_config(cfg, "finetune")

@@ -39,6 +39,7 @@ from bertscale.finetune.encoding import (
 )
 from bertscale.finetune.evaluation import autocast, evaluate_splits, write_predictions
 from bertscale.finetune.tasks import Hparams, TaskSpec, get_task
+from bertscale.hardware import resolve_precision
 from bertscale.model import BertForSequenceClassification
 from bertscale.model.hf import export_hf, load_pretrained
 from bertscale.model.weights import copy_tokenizer_files
@@ -278,7 +279,7 @@ def finetune_task(
     custom_tasks: list[CustomTaskConfig] | None = None,
     max_train_examples: int | None = None,
     max_eval_examples: int | None = None,
-    precision: str = "bf16",
+    precision: str = "auto",
     group_by_length: bool = True,
     predict_test: bool = True,
     device: str | None = None,
@@ -300,7 +301,9 @@ def finetune_task(
     model, report = load_pretrained(model_path, BertForSequenceClassification, num_labels=spec.num_labels,
                                     allow_pickle=allow_pickle)
     log.info("%s: %s", spec.name, report.summary())
-    model.to(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    where = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(where)
+    precision = resolve_precision(precision, where).name
     state = train(model, spec, train_data, evals, hp, seed, pad_id, precision, group_by_length, on_epoch, zero_stage)
     # DeepSpeed's bf16 mode casts the module itself; saved models and later predictions use fp32 weights.
     model.float().load_state_dict(state.best_state)

@@ -21,9 +21,11 @@ import torch
 from bertscale import tracking
 from bertscale.config import PipelineConfig
 from bertscale.errors import InputError
+from bertscale.hardware import resolve_precision
 from bertscale.model import BertForPreTraining, config_from_pipeline
 from bertscale.model.weights import copy_tokenizer_files, export_checkpoint
 from bertscale.tokenizer import load_tokenizer
+from bertscale.tracking import StageRecord
 from bertscale.train import deepspeed_engine, distributed, schedule
 from bertscale.train.checkpoint import CheckpointManager
 from bertscale.train.deepspeed_engine import EngineSpec, build_ds_config
@@ -33,7 +35,6 @@ from bertscale.train.metrics import MetricsSink, make_throughput
 from bertscale.train.optim import build_optimizer
 from bertscale.train.phases import load_phases
 from bertscale.train.resume import initial_weights, plan_resume, resume_hint
-from bertscale.tracking import StageRecord
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +114,16 @@ def pretrain(cfg: PipelineConfig, data: str | Path | None = None, tokenizer: str
              ) -> TrainResult:
     """Pretrain on this rank (see the module doc); rank 0 logs, writes metrics and exports `<out>/hf`."""
     env = distributed.read_env()
+    chosen = resolve_precision(cfg.train.precision, env.device())
+    # Every consumer (the DeepSpeed config, the MFU peak, checkpoint metadata) reads the concrete precision.
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": chosen.name})})
     # Every rank tears down what it started, in reverse order, on success and on a handled error: the DeepSpeed
     # engine (its hooks and buffers), then the process group, then the launcher variables (see
     # `distributed.process_group`). The watchdog and the signal handlers end with the loop, in `train_and_export`.
     with distributed.process_group(env, cfg.train.collective_timeout_s):
         _quiet_other_ranks(env)
+        if env.is_main:
+            log.info("precision %s (%s)", chosen.name, chosen.reason)
         data_dir = Path(data) if data else cfg.stage_dir("data")
         tok_dir = Path(tokenizer) if tokenizer else cfg.stage_dir("tokenizer")
         out = cfg.stage_dir("train")
@@ -140,7 +146,7 @@ def pretrain(cfg: PipelineConfig, data: str | Path | None = None, tokenizer: str
             with trainer_peer_failure(trainer, "resume"):
                 trainer.resume(tag, universal)
             with tracking.rank_run(cfg, env.is_main):
-                return train_and_export(trainer, tok_dir)
+                return train_and_export(trainer, tok_dir, chosen.reason)
         finally:
             deepspeed_engine.destroy(engine)
 
@@ -151,7 +157,7 @@ def exit_code(result: TrainResult) -> int:
     return EXIT_SIGNALLED if result.stopped == "signal" else 0
 
 
-def train_and_export(trainer: Trainer, tok_dir: Path) -> TrainResult:
+def train_and_export(trainer: Trainer, tok_dir: Path, precision_reason: str = "set in the config") -> TrainResult:
     """The loop, the final checkpoint and (rank 0) the HF export; a signal-stopped run skips the export so it
     exits while the scheduler's grace period lasts."""
     cfg, env, out = trainer.cfg, trainer.env, trainer.out
@@ -163,7 +169,8 @@ def train_and_export(trainer: Trainer, tok_dir: Path) -> TrainResult:
     sink = MetricsSink(out, env, trainer.step, cfg.train.max_steps)
     if sink.tracked:
         tracking.set_tags({"pretrain.world_size": env.world_size, "pretrain.zero_stage": cfg.train.zero_stage,
-                           "pretrain.precision": cfg.train.precision, "pretrain.device": device.type})
+                           "pretrain.precision": cfg.train.precision, "pretrain.device": device.type,
+                           "pretrain.precision_reason": precision_reason})
     if env.world_size > 1:
         trainer.watchdog = distributed.Watchdog(cfg.train.collective_timeout_s,
                                                 lambda: resume_hint(trainer.last_checkpoint)).start()

@@ -63,7 +63,7 @@ def test_a_fresh_run_into_an_empty_directory_moves_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["train.zero_stage=3"], "written with train.zero_stage=2, this run has train.zero_stage=3"),
+    (["train.zero_stage=3", "train.precision=bf16"], "written with train.zero_stage=2, this run has train.zero_stage=3"),
     (["train.precision=fp32"], "written with train.precision=bf16, this run has train.precision=fp32"),
     (["train.zero_stage=1", "train.precision=fp32"], "train.zero_stage=2, train.precision=bf16, this run"),
 ])
