@@ -66,7 +66,7 @@ def build_models(config: BertConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
     import transformers
 
     ours = BertForPreTraining(config).train()
-    fields = {k: v for k, v in config.to_dict().items() if k != "unpad"}
+    fields = config.architecture()
     hf = transformers.BertForPreTraining(transformers.BertConfig(**fields)).train()
     hf.load_state_dict(ours.state_dict(), strict=False)
     return ours, hf

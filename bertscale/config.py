@@ -236,7 +236,13 @@ class TrainConfig(Section):
     phase_steps: list[int] | None = Field(
         None, description="Steps per sequence-length phase (must sum to max_steps); None = all in the first phase."
     )
-    max_minutes: float | None = Field(None, gt=0, description="Wall-clock budget; stop (and checkpoint) when reached.")
+    max_minutes: float | None = Field(
+        None, gt=0, description="Wall-clock budget: at it the run stops with a final checkpoint and the HF export "
+        "(and the pipeline registers the encoder), as a completed run does.")
+    document_attention: bool = Field(
+        True, description="Packed sequences (data.mode=packed): each token attends only to its own document.")
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile the encoder's dense blocks (true/false); auto = on CUDA only (README).")
     grad_clip: float = Field(1.0, ge=0, description="Max global grad norm; 0 disables clipping.")
     eval_every: int = Field(200, ge=1, description="Evaluate on the held-out split every N steps.")
     eval_batches: int = Field(20, ge=1, description="Batches per evaluation.")
@@ -306,6 +312,8 @@ class FinetuneConfig(Section):
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Autocast dtype; auto = bf16 where the device computes it natively, else fp32.")
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile the encoder's dense blocks (true/false); auto = on CUDA only (README).")
     max_train_examples: int | None = Field(None, ge=1, description="Truncate training sets (debug runs).")
     max_eval_examples: int | None = Field(None, ge=1, description="Truncate dev sets (debug runs).")
     register_models: bool = Field(True, description="Register the best model per task in the MLflow Model Registry.")

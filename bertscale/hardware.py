@@ -90,3 +90,20 @@ def resolve_precision(requested: str, device: torch.device | str, cpu: CpuFacts 
         return Precision("fp32", f"auto: the CPU ({cpu.model}) has neither {' nor '.join(CPU_BF16_FLAGS)}: "
                                  "bf16 would be emulated, far slower than fp32")
     return Precision("fp32", f"auto: no bf16 capability known for device type {device.type!r}")
+
+
+def resolve_compile(requested: bool | str, device: torch.device | str) -> tuple[bool, str]:
+    """Whether to `torch.compile` the model's dense blocks: true/false as set; `auto` compiles on CUDA only.
+
+    On a CPU inductor's fused kernels do run faster (see the README's figures), but compiling takes about a
+    minute per block shape on two cores, more than a short run gains, so CPU runs compile only when asked to.
+    """
+    import torch
+
+    if isinstance(requested, bool):
+        return requested, "set in the config"
+    if requested != "auto":
+        raise ValueError(f"compile {requested!r}: use auto, true or false")
+    if torch.device(device).type == "cuda":
+        return True, "auto: CUDA device"
+    return False, "auto: CPU (compiling costs more than a short CPU run gains; set compile: true for long runs)"

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from bertscale.data.instances import NSP_IGNORE
+
 SPECIAL_KEYS = ("pad", "unk", "cls", "sep", "mask")
 
 
@@ -36,6 +38,10 @@ class MLMCollator:
     [CLS], [SEP], [MASK] or [UNK]. Of the selected tokens 80% become [MASK], 10% a random non-special token and
     10% stay as they are. With `whole_word_mask`, a word (a token plus its following `##` pieces) is selected or
     left as a whole.
+
+    With `document_attention`, the attention mask of a packed sequence (NSP label -100) numbers its documents
+    1, 2, ... instead of holding 1 everywhere: a document runs through the [SEP] that closes it, and the model
+    keeps attention inside each document (see `bertscale.model.bert`). NSP pairs keep HF's 0/1 mask.
     """
 
     def __init__(
@@ -47,6 +53,7 @@ class MLMCollator:
         seed: int = 0,
         is_continuation: np.ndarray | None = None,
         pad_to_multiple_of: int | None = None,
+        document_attention: bool = False,
     ) -> None:
         missing = [k for k in SPECIAL_KEYS if k not in special_ids]
         if missing:
@@ -60,6 +67,7 @@ class MLMCollator:
         self.mask_prob = float(mask_prob)
         self.whole_word_mask = whole_word_mask
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.document_attention = document_attention
         self.is_continuation = None if is_continuation is None else np.asarray(is_continuation, dtype=bool)
         specials = np.array(sorted(set(self.special_ids.values())), dtype=np.int64)
         self._special = specials
@@ -112,10 +120,14 @@ class MLMCollator:
             ids[row, :n] = e["input_ids"]
             types[row, :n] = e["token_type_ids"]
             mask[row, :n] = 1
+            if self.document_attention and int(e["next_sentence_label"]) == NSP_IGNORE:
+                # Document k (from 1) holds the tokens after the (k-1)-th [SEP] up to and including the k-th.
+                seps = ids[row, :n] == self.special_ids["sep"]
+                mask[row, 1:n] += np.cumsum(seps[:-1])
         return ids, types, mask
 
     def _maskable(self, ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        return (attention_mask == 1) & ~np.isin(ids, self._special)
+        return (attention_mask > 0) & ~np.isin(ids, self._special)
 
     def _select(self, ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         maskable = self._maskable(ids, attention_mask)

@@ -66,6 +66,7 @@ class Job:
     predict_test: bool
     zero_stage: int | None = None
     allow_pickle: bool = False
+    compile: bool | str = "auto"
 
 
 @dataclass
@@ -215,7 +216,7 @@ def build_jobs(cfg: PipelineConfig, model_path: Path, tokenizer: Path, out: Path
                 jobs.append(Job(task, hp, seed, str(model_path), str(tokenizer),
                                 str(out / task.name / _point_name(hp) / f"seed{seed}"), ft.glue_dir,
                                 ft.max_train_examples, ft.max_eval_examples, ft.precision, ft.group_by_length,
-                                ft.predict_test, ft.zero_stage, ft.allow_pickle))
+                                ft.predict_test, ft.zero_stage, ft.allow_pickle, ft.compile))
     return jobs
 
 
@@ -228,7 +229,7 @@ def run_job(job: Job) -> TaskResult:
                          output_dir=job.output_dir, max_train_examples=job.max_train_examples,
                          max_eval_examples=job.max_eval_examples, precision=job.precision,
                          group_by_length=job.group_by_length, predict_test=job.predict_test,
-                         zero_stage=job.zero_stage, allow_pickle=job.allow_pickle)
+                         zero_stage=job.zero_stage, allow_pickle=job.allow_pickle, compile=job.compile)
 
 
 def _init_worker(threads: int) -> None:

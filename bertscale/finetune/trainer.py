@@ -39,8 +39,9 @@ from bertscale.finetune.encoding import (
 )
 from bertscale.finetune.evaluation import autocast, evaluate_splits, write_predictions
 from bertscale.finetune.tasks import Hparams, TaskSpec, get_task
-from bertscale.hardware import resolve_precision
+from bertscale.hardware import resolve_compile, resolve_precision
 from bertscale.model import BertForSequenceClassification
+from bertscale.model.bert import compile_dense_blocks
 from bertscale.model.hf import export_hf, load_pretrained
 from bertscale.model.weights import copy_tokenizer_files
 from bertscale.tokenizer import special_ids
@@ -280,6 +281,7 @@ def finetune_task(
     max_train_examples: int | None = None,
     max_eval_examples: int | None = None,
     precision: str = "auto",
+    compile: bool | str = "auto",
     group_by_length: bool = True,
     predict_test: bool = True,
     device: str | None = None,
@@ -304,6 +306,8 @@ def finetune_task(
     where = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(where)
     precision = resolve_precision(precision, where).name
+    if resolve_compile(compile, where)[0] and zero_stage is None:
+        compile_dense_blocks(model)
     state = train(model, spec, train_data, evals, hp, seed, pad_id, precision, group_by_length, on_epoch, zero_stage)
     # DeepSpeed's bf16 mode casts the module itself; saved models and later predictions use fp32 weights.
     model.float().load_state_dict(state.best_state)

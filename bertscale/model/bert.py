@@ -3,13 +3,16 @@
 Module and parameter names match `transformers`' `BertForPreTraining`, so checkpoints convert by name. Three
 speed tricks over the textbook computation, each switchable and tested against the plain path:
 
-- attention through `scaled_dot_product_attention` (fused kernels on CPU and GPU);
 - unpadded execution: padding tokens are dropped before the embeddings, so embeddings, projections, FFN and
-  LayerNorm run on real tokens only; attention re-pads per layer, where a boolean key mask confines it to each
-  sequence (`BertConfig.unpad`);
+  LayerNorm run on real tokens only (`BertConfig.unpad`);
+- variable-length attention over those tokens, confined to each sequence, or to each document of a packed
+  sequence (`bertscale.model.attention`: FlashAttention-2's varlen kernel on CUDA, length-bucketed
+  `scaled_dot_product_attention` elsewhere; `BertConfig.attention`);
 - the MLM head (a hidden x vocab projection, the largest matmul of a small BERT) runs only at masked positions.
 
-bf16 autocast is the caller's business; losses are always computed in fp32.
+The attention mask is HF's (1 = token, 0 = padding), or, for packed sequences, the document number of each token
+(1, 2, ...; 0 = padding): tokens attend only to tokens of their own document. bf16 autocast is the caller's
+business; losses are always computed in fp32.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bertscale.errors import ConfigError
+from bertscale.model.attention import BACKENDS, Segments, varlen_attention
 
 # HF's activation names; "gelu" is the exact erf form BERT was trained with.
 ACTIVATIONS = {
@@ -58,8 +62,10 @@ class BertConfig:
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
-    # Execution option, not an architecture field (never exported): drop padding tokens inside the model.
+    # Execution options, not architecture fields (never exported): drop padding tokens inside the model, and
+    # the attention kernel over them (auto: FlashAttention-2 varlen where it can run, else bucketed SDPA).
     unpad: bool = True
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -67,6 +73,8 @@ class BertConfig:
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                 f"{self.num_attention_heads}: choose a head count that divides the hidden size"
             )
+        if self.attention not in BACKENDS:
+            raise ConfigError(f"attention={self.attention!r} is not supported; use one of {', '.join(BACKENDS)}")
         if self.hidden_act not in ACTIVATIONS:
             raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}")
 
@@ -80,6 +88,10 @@ class BertConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def architecture(self) -> dict:
+        """The fields that define the weights (what HF's config.json holds): no execution options."""
+        return {k: v for k, v in asdict(self).items() if k not in EXECUTION_OPTIONS}
+
     @classmethod
     def from_dict(cls, data: dict) -> "BertConfig":
         """Build from a dict such as HF's config.json; unknown keys are ignored."""
@@ -87,17 +99,22 @@ class BertConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+EXECUTION_OPTIONS = ("unpad", "attention")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Unpadding
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class Padding:
-    """Where the kept tokens of a padded [B, T] batch live, to move activations between [N, C] and [B, T, C]."""
+    """Where the kept tokens of a padded [B, T] batch live, to move activations between [N, C] and [B, T, C], and
+    the attention segments they form (one per sequence, or per document of a packed sequence)."""
 
     indices: Tensor  # [N] positions of the kept tokens in the flattened [B*T] grid, ascending
     starts: Tensor  # [B] packed index of each sequence's first token (its [CLS])
     batch: int
     seqlen: int
+    segments: Segments
 
     @classmethod
     def from_mask(cls, attention_mask: Tensor) -> "Padding":
@@ -106,7 +123,13 @@ class Padding:
         keep[:, 0] = True
         counts = keep.sum(1)
         indices = keep.flatten().nonzero().squeeze(1)
-        return cls(indices, counts.cumsum(0) - counts, keep.shape[0], keep.shape[1])
+        # A segment is a run of kept tokens with one (row, document) pair: a new one starts where either changes.
+        b, t = attention_mask.shape
+        key = (indices // t) * (int(attention_mask.max()) + 1) + attention_mask.flatten().index_select(0, indices)
+        first = torch.ones_like(key, dtype=torch.bool)
+        first[1:] = key[1:] != key[:-1]
+        bounds = torch.cat([first.nonzero().squeeze(1), key.new_tensor([len(key)])])
+        return cls(indices, counts.cumsum(0) - counts, b, t, Segments.from_lengths(bounds.diff()))
 
     def unpad(self, x: Tensor) -> Tensor:
         return x.reshape(self.batch * self.seqlen, *x.shape[2:]).index_select(0, self.indices)
@@ -152,19 +175,31 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
+        self.backend = config.attention
 
     def forward(self, x: Tensor, key_mask: Tensor | None, padding: Padding | None) -> Tensor:
-        # Projections run on whatever layout comes in (packed real tokens when unpadded); only the attention
-        # product itself needs the [B, T] grid, so Q, K and V are re-padded together in one copy.
-        qkv = torch.cat([self.query(x), self.key(x), self.value(x)], dim=-1)
-        if padding is not None:
-            qkv = padding.repad(qkv)
+        # One [C, 3C] product instead of three (the weights keep HF's names; concatenating them is cheap next to
+        # the product over all tokens).
+        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
+        bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+        qkv = F.linear(x, weight, bias)
+        dropout_p = self.dropout_p if self.training else 0.0
+        if padding is not None:  # packed real tokens [N, 3C]
+            qkv = qkv.view(qkv.shape[0], 3, self.num_heads, -1)
+            return varlen_attention(qkv, padding.segments, dropout_p, self.backend)
         b, t, _ = qkv.shape
         q, k, v = qkv.view(b, t, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        dropout_p = self.dropout_p if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)
-        out = out.transpose(1, 2).reshape(b, t, -1)
-        return padding.unpad(out) if padding is not None else out
+        return out.transpose(1, 2).reshape(b, t, -1)
+
+
+def padded_attention_mask(attention_mask: Tensor) -> Tensor:
+    """The boolean SDPA mask of the padded path: [B, 1, 1, T] over keys for an HF mask; for document numbers,
+    [B, 1, T, T], true where query and key share a document (padding queries see every real token)."""
+    if int(attention_mask.max()) <= 1:
+        return attention_mask.bool()[:, None, None, :]
+    q, k = attention_mask[:, :, None], attention_mask[:, None, :]
+    return (((q == k) | (q == 0)) & (k > 0))[:, None]
 
 
 class BertSelfOutput(nn.Module):
@@ -290,10 +325,11 @@ class BertModel(BertPreTrainedModel):
         positions = torch.arange(t, device=input_ids.device)
         key_mask = None
         padding = None
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            key_mask = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]: keys only, broadcast over queries
+        if attention_mask is not None and not bool((attention_mask == 1).all()):
             if self.config.unpad:
                 padding = Padding.from_mask(attention_mask)
+            else:
+                key_mask = padded_attention_mask(attention_mask)
         if padding is not None:
             pos = padding.indices % t
             x = self.embeddings(padding.unpad(input_ids), padding.unpad(token_type_ids), pos)
@@ -442,6 +478,18 @@ class BertForSequenceClassification(BertPreTrainedModel):
             else:
                 loss = F.cross_entropy(logits.float(), labels.long())
         return loss, logits
+
+
+def compile_dense_blocks(model: nn.Module, dynamic: bool = True) -> int:
+    """`torch.compile` every layer's dense blocks in place (the attention output and the FFN: projection, GELU,
+    dropout, residual and LayerNorm fused), keeping parameter names, so that checkpoints, the HF export and
+    resume see the same model. Attention itself stays outside the graphs: its segment layout changes with every
+    batch. The token count is a dynamic dimension, so varying batch shapes reuse one graph. Returns the number of
+    blocks compiled."""
+    blocks = [m for m in model.modules() if isinstance(m, (BertSelfOutput, BertIntermediate))]
+    for block in blocks:
+        block.compile(dynamic=dynamic)
+    return len(blocks)
 
 
 def num_parameters(model: nn.Module) -> int:

@@ -75,7 +75,7 @@ _ARCHITECTURES = {BertForPreTraining: "BertForPreTraining", BertModel: "BertMode
 def hf_config_dict(model: nn.Module) -> dict:
     """config.json contents: HF field names, model_type and architectures (execution options dropped)."""
     config: BertConfig = model.config
-    data = {k: v for k, v in config.to_dict().items() if k != "unpad"}
+    data = config.architecture()
     data.update(model_type="bert", architectures=[_ARCHITECTURES.get(type(model), "BertForPreTraining")],
                 tie_word_embeddings=True, dtype="float32")
     if isinstance(model, BertForSequenceClassification):

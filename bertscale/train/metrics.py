@@ -43,7 +43,7 @@ def micro_stats(out: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         vals.append(t.item() if finite and t is not None else 0.0)
     for t in (out.mlm_correct, out.mlm_count, out.nsp_correct, out.nsp_count):
         vals.append(float(t) if t is not None else 0.0)
-    vals += [float(batch["attention_mask"].sum()), float(batch["input_ids"].shape[0])]
+    vals += [float((batch["attention_mask"] > 0).sum()), float(batch["input_ids"].shape[0])]
     return torch.tensor(vals, dtype=torch.float64)
 
 

@@ -42,7 +42,7 @@ def make_collator(cfg: PipelineConfig, tok: Any, special: dict[str, int], vocab:
     """The MLM/NSP collator of the data config (whole-word masking needs the tokenizer's continuation marks)."""
     lookup = continuation_lookup(tok) if cfg.data.whole_word_mask else None
     return MLMCollator(special, vocab, mask_prob=cfg.data.mask_prob, whole_word_mask=cfg.data.whole_word_mask,
-                       seed=seed, is_continuation=lookup)
+                       seed=seed, is_continuation=lookup, document_attention=cfg.train.document_attention)
 
 
 def load_phases(cfg: PipelineConfig, data_dir: Path, tok: Any, env: DistEnv, max_positions: int) -> list[Phase]:

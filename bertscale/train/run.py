@@ -20,9 +20,10 @@ import torch
 
 from bertscale import tracking
 from bertscale.config import PipelineConfig
-from bertscale.errors import InputError
-from bertscale.hardware import resolve_precision
+from bertscale.errors import ConfigError, InputError
+from bertscale.hardware import resolve_compile, resolve_precision
 from bertscale.model import BertForPreTraining, config_from_pipeline
+from bertscale.model.bert import compile_dense_blocks
 from bertscale.model.weights import copy_tokenizer_files, export_checkpoint
 from bertscale.tokenizer import load_tokenizer
 from bertscale.tracking import StageRecord
@@ -139,6 +140,16 @@ def pretrain(cfg: PipelineConfig, data: str | Path | None = None, tokenizer: str
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         warm_start = tag is None and universal is None and cfg.train.init_from
         model = initial_weights(cfg, env, model_cfg, out) if warm_start else BertForPreTraining(model_cfg)
+        compiled, why = resolve_compile(cfg.train.compile, env.device())
+        if compiled and cfg.train.zero_stage == 3:
+            if cfg.train.compile is True:
+                raise ConfigError("train.compile=true is supported with ZeRO stages 0-2 only (stage 3 gathers "
+                                  "parameters in module hooks): use zero_stage 0-2 or train.compile=false")
+            compiled, why = False, "auto: not with ZeRO stage 3"
+        if compiled:
+            compile_dense_blocks(model)
+        if env.is_main:
+            log.info("torch.compile %s (%s)", "on" if compiled else "off", why)
         engine = build_engine(model, cfg, env, load_universal=universal is not None)
         try:
             torch.manual_seed(cfg.train.seed + 1 + env.rank)  # per-rank dropout streams (restored on resume)

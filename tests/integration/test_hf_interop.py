@@ -37,7 +37,7 @@ def batch() -> dict[str, torch.Tensor]:
 
 
 def hf_config(config: BertConfig, **kw):
-    fields = {k: v for k, v in config.to_dict().items() if k != "unpad"}
+    fields = config.architecture()
     return transformers.BertConfig(**fields, **kw)
 
 
@@ -64,7 +64,7 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, config, batch)
     assert (ref.seq_relationship_logits - out.nsp_logits).abs().max() <= 1e-4
     config_json = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config_json["model_type"] == "bert" and config_json["architectures"] == ["BertForPreTraining"]
-    assert "unpad" not in config_json
+    assert "unpad" not in config_json and "attention" not in config_json
 
 
 def test_export_import_roundtrip_keeps_weights(tmp_path, config):

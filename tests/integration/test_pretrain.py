@@ -104,12 +104,12 @@ def _launch_argv(cfg: PipelineConfig, num_procs: int = 2) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------
 RESUME_RUN = ["model.hidden_size=128", "model.intermediate_size=256", "train.micro_batch_size=32",
               "train.max_steps=14", "train.phase_steps=[7,7]", "train.checkpoint_every=4", "train.eval_every=7",
-              "train.zero_stage=2", "train.precision=bf16"]
+              "train.zero_stage=2", "train.precision=bf16", "train.compile=true"]
 
 
 @pytest.fixture(scope="module")
 def reference_run(workdir) -> Path:
-    """Two ranks, ZeRO-2, bf16, both phases, uninterrupted: `bertscale.train.launch` end to end."""
+    """Two ranks, ZeRO-2, bf16, compiled, both phases, uninterrupted: `bertscale.train.launch` end to end."""
     from bertscale.train.launch import LaunchSpec, launch
 
     out = workdir / "train-reference"

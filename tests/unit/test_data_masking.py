@@ -157,3 +157,18 @@ def test_pad_to_multiple_of():
 def test_whole_word_mask_needs_the_lookup():
     with pytest.raises(ValueError, match="continuation_lookup"):
         MLMCollator(SPECIAL, VOCAB, whole_word_mask=True)
+
+
+def test_packed_sequences_number_their_documents_in_the_attention_mask():
+    packed = {"input_ids": np.array([2, 9, 9, 9, 3, 8, 8, 3, 7, 3]), "token_type_ids": np.zeros(10, dtype=np.int64),
+              "next_sentence_label": -100}
+    pair = make_examples(1, seed=3)[0]
+    batch = MLMCollator(SPECIAL, VOCAB, seed=1, document_attention=True)([packed, pair])
+    n = len(pair["input_ids"])
+    assert batch["attention_mask"][0, :10].tolist() == [1, 1, 1, 1, 1, 2, 2, 2, 3, 3]
+    assert (batch["attention_mask"][0, 10:] == 0).all()
+    assert batch["attention_mask"][1, :n].tolist() == [1] * n  # an NSP pair keeps HF's mask
+    # The same tokens are maskable with or without document numbers.
+    plain = MLMCollator(SPECIAL, VOCAB, seed=1)([packed, pair])
+    assert plain["attention_mask"][0, :10].tolist() == [1] * 10
+    assert batch["masked_positions"].tolist() == plain["masked_positions"].tolist()

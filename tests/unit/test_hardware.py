@@ -45,3 +45,13 @@ def test_an_unreadable_cpuinfo_means_no_native_bf16(tmp_path):
     cpu = cpu_facts(str(tmp_path / "missing"))
     assert cpu.model == "unknown" and not cpu.native_bf16
     assert resolve_precision("auto", "cpu", cpu).name == "fp32"
+
+
+def test_compile_auto_is_on_for_cuda_only():
+    from bertscale.hardware import resolve_compile
+
+    assert resolve_compile("auto", "cpu")[0] is False and resolve_compile("auto", "cuda")[0] is True
+    assert resolve_compile(True, "cpu") == (True, "set in the config")
+    assert resolve_compile(False, "cuda")[0] is False
+    with pytest.raises(ValueError, match="auto, true or false"):
+        resolve_compile("yes", "cpu")

@@ -284,3 +284,23 @@ def test_an_unknown_gpu_gives_no_mfu_instead_of_crashing(monkeypatch, caplog):
     assert meter.peak_flops is None and "mfu" not in meter.flush() and meter.overall()[1] is None
     explicit = make_throughput(tiny_config(), 16, TrainConfig(peak_tflops=100), torch.device("cuda"), world=2)
     assert explicit.peak_flops == 200e12
+
+
+def test_compiled_dense_blocks_match_eager_and_keep_parameter_names():
+    import copy
+
+    from bertscale.model.bert import compile_dense_blocks
+
+    torch.manual_seed(0)
+    eager = BertForPreTraining(tiny_config())
+    compiled = copy.deepcopy(eager)
+    assert compile_dense_blocks(compiled) == 3 * eager.config.num_hidden_layers
+    for lengths in ([16, 5, 11], [7, 3, 2, 9]):  # another token count reuses the graphs (dynamic shapes)
+        batch = make_batch(lengths)
+        out_e, out_c = eager(**batch), compiled(**batch)
+        out_e.loss.backward()
+        out_c.loss.backward()
+        torch.testing.assert_close(out_c.mlm_logits, out_e.mlm_logits, atol=1e-5, rtol=1e-5)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    for (name, p_e), (_, p_c) in zip(eager.named_parameters(), compiled.named_parameters()):
+        torch.testing.assert_close(p_c.grad, p_e.grad, atol=1e-5, rtol=1e-4, msg=name)
