@@ -1,11 +1,16 @@
 """Fine-tuning side by side: bertscale's loop vs `transformers.Trainer` on the same HF-format checkpoint, task,
 hyper-parameters and seeds, in one process.
 
-The checkpoint is a random-init `transformers.BertForPreTraining` (saved with `save_pretrained`, safetensors)
-with a WordPiece vocabulary trained on the task's training subset, so both sides start from identical weights.
-Both evaluate every epoch and report their best epoch's dev metric. Prints a table; `--json out.json` saves it.
+The checkpoint is `--checkpoint DIR` (any HF-format BERT with its tokenizer files, e.g. `<workdir>/train/hf` of
+a pretraining run), or else a random-init `transformers.BertForPreTraining` (saved with `save_pretrained`,
+safetensors) with a WordPiece vocabulary trained on the task's training subset; both sides start from identical
+weights. Both evaluate every epoch and report their best epoch's dev metric. Precision `auto` resolves as the
+product does (bf16 on CPUs with AMX/AVX-512 BF16 and bf16 GPUs, else fp32) and both sides use the result. Prints
+the CPU and its bf16 capability and a table; `--json out.json` saves it.
 
     .venv/bin/python bench/finetune.py --glue-dir ../shared/data/glue --task SST-2 --seeds 1 2 3 4 5
+    .venv/bin/python bench/finetune.py --checkpoint runs/quality/train/hf --task CoLA --train-examples 8551 \
+        --lr 1e-4 --seeds 1 2 3
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,11 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bertscale.config import TokenizerConfig
-from bertscale.finetune import finetune_task, get_task, load_eval, load_train
-from bertscale.finetune.metrics import compute
-from bertscale.finetune.tasks import Hparams, TaskSpec, subset
-from bertscale.tokenizer import save_tokenizer, train_wordpiece
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import cpu_line  # noqa: E402
+from bertscale.config import TokenizerConfig  # noqa: E402
+from bertscale.finetune import finetune_task, get_task, load_eval, load_train  # noqa: E402
+from bertscale.finetune.metrics import compute  # noqa: E402
+from bertscale.finetune.tasks import Hparams, TaskSpec, subset  # noqa: E402
+from bertscale.hardware import resolve_precision  # noqa: E402
+from bertscale.tokenizer import save_tokenizer, train_wordpiece  # noqa: E402
 
 SIZES = {"tiny": (2, 128, 2, 512), "mini": (4, 256, 4, 1024)}
 
@@ -45,10 +55,11 @@ def make_checkpoint(task: TaskSpec, glue: Path, n_train: int, size: str, out: Pa
     return out
 
 
-def run_ours(task: TaskSpec, ckpt: Path, glue: Path, hp: Hparams, seed: int, n_train: int, precision: str) -> dict:
+def run_ours(task: TaskSpec, ckpt: Path, glue: Path, hp: Hparams, seed: int, n_train: int, precision: str,
+             compile: bool | str = "auto") -> dict:
     start = time.perf_counter()
     r = finetune_task(task, ckpt, ckpt, hp, seed, data_dir=glue, max_train_examples=n_train, precision=precision,
-                      predict_test=False)
+                      predict_test=False, compile=compile)
     return {"score": r.score, "wall_s": time.perf_counter() - start, "best_epoch": r.best_epoch}
 
 
@@ -111,19 +122,27 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=128)
     # Random-init tiny models vary by several points between seeds: compare medians over several.
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--checkpoint", type=Path, help="HF-format BERT dir with tokenizer files; default: random init.")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    p.add_argument("--compile", choices=["auto", "true", "false"], default="auto", help="Ours: finetune.compile.")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    chosen = resolve_precision(args.precision, "cuda" if torch.cuda.is_available() else "cpu")
+    args.precision = chosen.name
+    compile = {"true": True, "false": False}.get(args.compile, "auto")
+    print(f"{cpu_line()}; precision {chosen.name} ({chosen.reason})", flush=True)
     task = get_task(args.task)
     hp = Hparams(lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, max_length=args.max_length)
     warm_imports()
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = make_checkpoint(task, args.glue_dir, args.train_examples, args.size, Path(tmp) / "ckpt")
+        ckpt = args.checkpoint or make_checkpoint(task, args.glue_dir, args.train_examples, args.size,
+                                                  Path(tmp) / "ckpt")
         rows = {"bertscale": [], "transformers.Trainer": []}
         for seed in args.seeds:  # interleaved, so that machine load drifts hit both sides alike
-            rows["bertscale"].append(run_ours(task, ckpt, args.glue_dir, hp, seed, args.train_examples, args.precision))
+            rows["bertscale"].append(run_ours(task, ckpt, args.glue_dir, hp, seed, args.train_examples, args.precision,
+                                              compile))
             rows["transformers.Trainer"].append(run_trainer(task, ckpt, args.glue_dir, hp, seed, args.train_examples,
                                                             args.precision))
     report(args, rows)
@@ -133,7 +152,8 @@ def report(args: argparse.Namespace, rows: dict[str, list[dict]]) -> None:
     summary = {name: {"dev_score_median": statistics.median(r["score"] for r in runs) * 100,
                       "wall_s_total": sum(r["wall_s"] for r in runs), "runs": runs} for name, runs in rows.items()}
     ours, ref = summary["bertscale"], summary["transformers.Trainer"]
-    print(f"\n{args.task}: {args.train_examples} train examples, {args.size} random-init BERT, lr {args.lr:g}, "
+    model = args.checkpoint or f"{args.size} random-init BERT"
+    print(f"\n{cpu_line()}\n{args.task}: {args.train_examples} train examples, {model}, lr {args.lr:g}, "
           f"batch {args.batch_size}, {args.epochs:g} epochs, seeds {args.seeds}, {args.precision}, "
           f"{args.threads} thread(s)\n")
     print(f"| {'':22} | dev score (median) | wall s (all seeds) |")

@@ -2,14 +2,18 @@
 
 Same config, same initial weights, same batches (B x T with real lengths uniform in [T/4, T], 15% masking, NSP),
 a step = forward + backward + AdamW step (ours: fused AdamW where available; transformers: torch.optim.AdamW
-defaults). Steps of the two implementations are interleaved so that machine noise hits both alike. Reports real
+defaults). Ours runs in the `--variants` asked for (varlen/padded attention, eager/compiled). Steps of all the
+implementations are interleaved so that machine noise hits them alike. Prints the CPU and its bf16 capability;
+precision `auto` resolves as training does (bf16 where the device computes it natively). Reports real
 (non-padding) tokens/s, the ratio, and MFU against the peak for the dtype: on CPU this machine's measured matmul
 rate, on a GPU the datasheet figure from `bertscale.model.flops` (or --peak-tflops). On CUDA every timed step is
 bracketed by `torch.cuda.synchronize()`, since kernels run asynchronously.
 
     python bench/pretrain.py --size mini --steps 6
     python bench/pretrain.py --size base --steps 2 --warmup 1 --json base.json
-    python bench/pretrain.py --device cuda --size base --batch 64 --precision bf16 --steps 20
+    python bench/pretrain.py --size mini --variants varlen,varlen+compile,padded --precision bf16,fp32
+    python bench/pretrain.py --device cuda --size base --batch 64 --precision bf16 --steps 20 \
+        --variants varlen,varlen+compile,padded,padded+compile
 """
 
 from __future__ import annotations
@@ -17,13 +21,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from bertscale.model import BertConfig, BertForPreTraining
-from bertscale.model.flops import measure_peak_flops, peak_flops, training_flops
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import cpu_line  # noqa: E402
+from bertscale.hardware import resolve_precision  # noqa: E402
+from bertscale.model import BertConfig, BertForPreTraining  # noqa: E402
+from bertscale.model.bert import compile_dense_blocks  # noqa: E402
+from bertscale.model.flops import measure_peak_flops, peak_flops, training_flops  # noqa: E402
 
 CLS, SEP, MASK = 101, 102, 103
 
@@ -62,13 +73,28 @@ def make_batch(g: torch.Generator, batch: int, seq: int, vocab: int, mask_prob: 
     return Batch(ours, hf, lengths.tolist(), len(chosen))
 
 
-def build_models(config: BertConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
+VARIANTS = ("varlen", "varlen+compile", "padded", "padded+compile")
+
+
+def build_models(config: BertConfig, variants: list[str]) -> tuple[dict[str, torch.nn.Module], torch.nn.Module]:
+    """Our model in each variant (`varlen`: unpadded tokens and variable-length attention; `padded`: the plain
+    [B, T] computation with a key mask; `+compile`: torch.compile of the dense blocks), all from the same initial
+    weights, and transformers' model with those weights too."""
+    import copy
+
     import transformers
 
-    ours = BertForPreTraining(config).train()
-    fields = config.architecture()
-    hf = transformers.BertForPreTraining(transformers.BertConfig(**fields)).train()
-    hf.load_state_dict(ours.state_dict(), strict=False)
+    base = BertForPreTraining(config).train()
+    ours = {}
+    for name in variants:
+        model = copy.deepcopy(base)
+        model.config = copy.deepcopy(config)
+        model.config.unpad = name.startswith("varlen")
+        if name.endswith("+compile"):
+            compile_dense_blocks(model)
+        ours[name] = model
+    hf = transformers.BertForPreTraining(transformers.BertConfig(**config.architecture())).train()
+    hf.load_state_dict(base.state_dict(), strict=False)
     return ours, hf
 
 
@@ -112,30 +138,38 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, inputs: dict,
 
 
 def run_precision(config: BertConfig, batches: list[Batch], precision: str, peak: float | None, args) -> dict:
-    """Warm up both, then alternate timed steps: ours, transformers, ours, ..."""
+    """Warm up every model (compiling where asked), then alternate timed steps: each variant of ours, then
+    transformers, and again."""
     device = torch.device(args.device)
     torch.manual_seed(0)
-    ours, hf = (m.to(device) for m in build_models(config))
-    opt_ours, kind = our_optimizer(ours)
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4)
+    ours, hf = build_models(config, args.variants)
+    hf = hf.to(device)
+    runs = {}
+    kind = None
+    for name, model in ours.items():
+        model.to(device)
+        opt, kind = our_optimizer(model)
+        runs[name] = (model, opt, "ours")
+    runs["transformers"] = (hf, torch.optim.AdamW(hf.parameters(), lr=1e-4), "hf")
     bf16 = precision == "bf16"
     for i in range(args.warmup):
         b = batches[i % len(batches)]
-        train_step(ours, opt_ours, b.ours, bf16, device)
-        train_step(hf, opt_hf, b.hf, bf16, device)
-    seconds = {"ours": 0.0, "transformers": 0.0}
+        for model, opt, fmt in runs.values():
+            train_step(model, opt, getattr(b, fmt), bf16, device)
+    seconds = dict.fromkeys(runs, 0.0)
     tokens = flops = 0.0
     for i in range(args.steps):
         b = batches[i % len(batches)]
-        seconds["ours"] += train_step(ours, opt_ours, b.ours, bf16, device)
-        seconds["transformers"] += train_step(hf, opt_hf, b.hf, bf16, device)
+        for name, (model, opt, fmt) in runs.items():
+            seconds[name] += train_step(model, opt, getattr(b, fmt), bf16, device)
         tokens += sum(b.lengths)
         flops += training_flops(config, b.lengths, b.num_masked)
     result = {"precision": precision, "device": str(device), "optimizer_ours": kind,
-              "peak_gflops": peak / 1e9 if peak else None, "real_tokens": tokens}
+              "transformers_attention": getattr(hf.config, "_attn_implementation", None),
+              "peak_gflops": peak / 1e9 if peak else None, "real_tokens": tokens, "impls": list(runs)}
     for name, s in seconds.items():
-        result[name] = {"seconds": s, "tokens_per_s": tokens / s, "mfu": flops / s / peak if peak else None}
-    result["ratio"] = result["ours"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
+        result[name] = {"seconds": s, "tokens_per_s": tokens / s, "mfu": flops / s / peak if peak else None,
+                        "ratio": seconds["transformers"] / s}
     return result
 
 
@@ -145,39 +179,49 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--vocab", type=int, default=30522)
-    p.add_argument("--precision", default="bf16,fp32", help="Comma-separated: bf16, fp32.")
+    p.add_argument("--precision", default="auto", help="Comma-separated: auto, bf16, fp32 (auto: bf16 where the "
+                   "device computes it natively, else fp32).")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=6, help="Timed steps per implementation.")
     p.add_argument("--threads", type=int, default=None, help="torch threads; default: torch's choice.")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="Where both models train.")
     p.add_argument("--peak-tflops", type=float, help="Peak TFLOP/s for MFU; default: measured (CPU) or the "
                    "GPU's datasheet figure.")
+    p.add_argument("--variants", default="varlen",
+                   help=f"Comma-separated variants of ours, each timed against transformers: {', '.join(VARIANTS)}.")
+    p.add_argument("--attention", default="auto", choices=["auto", "flash", "sdpa"],
+                   help="Our attention kernel for the varlen variants (flash needs CUDA and flash-attn).")
     p.add_argument("--json", help="Also write the results to this file.")
     args = p.parse_args()
+    args.variants = args.variants.split(",")
+    if unknown := set(args.variants) - set(VARIANTS):
+        p.error(f"unknown variants {sorted(unknown)}: choose from {', '.join(VARIANTS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to torch")
-    config = BertConfig.from_name(args.size, vocab_size=args.vocab, max_position_embeddings=max(512, args.seq))
+    config = BertConfig.from_name(args.size, vocab_size=args.vocab, max_position_embeddings=max(512, args.seq),
+                                  attention=args.attention)
     g = torch.Generator().manual_seed(1234)
     batches = [to_device(make_batch(g, args.batch, args.seq, args.vocab, 0.15), torch.device(args.device))
                for _ in range(4)]
-    precisions = args.precision.split(",")
+    precisions = [resolve_precision(prec, args.device).name for prec in args.precision.split(",")]
     peaks = {prec: bench_peak(prec, args) for prec in precisions}
     results = [run_precision(config, batches, prec, peaks[prec], args) for prec in precisions]
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu threads={torch.get_num_threads()}"
+    print(cpu_line())
     print(f"size={args.size} L{config.num_hidden_layers}/H{config.hidden_size} B={args.batch} T<={args.seq} "
-          f"{where} steps={args.steps} (warmup {args.warmup})")
-    print(f"{'precision':<10}{'impl':<14}{'real tok/s':>12}{'MFU':>8}   peak GFLOP/s")
+          f"{where} steps={args.steps} (warmup {args.warmup}) attention={args.attention}")
+    print(f"{'precision':<10}{'impl':<16}{'real tok/s':>12}{'MFU':>8}{'vs HF':>8}   peak GFLOP/s")
     for r in results:
-        for name in ("ours", "transformers"):
+        for name in r["impls"]:
             mfu = f"{r[name]['mfu']:>8.1%}" if r[name]["mfu"] is not None else f"{'n/a':>8}"
             peak = f"{r['peak_gflops']:.0f}" if r["peak_gflops"] else "unknown (--peak-tflops)"
-            print(f"{r['precision']:<10}{name:<14}{r[name]['tokens_per_s']:>12,.0f}{mfu}   {peak}")
-        print(f"{r['precision']:<10}{'ratio':<14}{r['ratio']:>11.2f}x")
+            print(f"{r['precision']:<10}{name:<16}{r[name]['tokens_per_s']:>12,.0f}{mfu}{r[name]['ratio']:>7.2f}x   "
+                  f"{peak}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"size": args.size, "config": config.to_dict(), "device": args.device,
+            json.dump({"size": args.size, "config": config.to_dict(), "device": args.device, "cpu": cpu_line(),
                        "threads": torch.get_num_threads(),
                        "batch": args.batch, "seq": args.seq, "results": results}, f, indent=2)
 

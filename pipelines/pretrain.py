@@ -27,7 +27,7 @@ def pretrain_tracked(cfg: PipelineConfig, data: str | None = None, tokenizer: st
     runtime.markdown("pretrain-summary", runtime.counts_markdown(
         "Pretraining", {k: round(v, 4) for k, v in sorted(metrics.items()) if not k.startswith("system")}))
     return {"output_dir": str(result.output_dir), "hf_dir": str(result.output_dir / "hf"), "metrics": metrics,
-            "mlflow_run_id": run_id}
+            "mlflow_run_id": run_id, "stopped": result.stopped, "final_step": result.final_step}
 
 
 pretrain_task = task(name="pretrain", retries=1, retry_delay_seconds=10, retry_condition_fn=runtime.retry_transient)(

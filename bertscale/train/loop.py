@@ -248,8 +248,10 @@ class Trainer:
                 meter = throughput[phase.seq_len]
                 meter.add(metrics.pop("real_tokens"), metrics.pop("sequences"))
                 sink.step(self.step, {k: metrics[k] for k in STEP_RECORD if k in metrics})
-                self.after_step(phase, metrics, meter, sink)
                 signalled, out_of_time, ckpt_due = self.control(stop, started, last_ckpt)
+                # A run that spends its time budget ends as a completed one does: metrics and a final evaluation
+                # (which the registry's gate reads), then the checkpoint below and the HF export.
+                self.after_step(phase, metrics, meter, sink, final=out_of_time and not signalled)
                 if self.step % self.t.checkpoint_every == 0 or ckpt_due or signalled or out_of_time:
                     self.save()
                     last_ckpt = time.monotonic()
@@ -257,8 +259,9 @@ class Trainer:
                     return "signal" if signalled else "time_budget"
         return "completed"
 
-    def after_step(self, phase: Phase, metrics: dict[str, float], meter: Throughput, sink: MetricsSink) -> None:
-        last = self.step == self.t.max_steps
+    def after_step(self, phase: Phase, metrics: dict[str, float], meter: Throughput, sink: MetricsSink,
+                   final: bool = False) -> None:
+        last = self.step == self.t.max_steps or final
         metrics.pop("overflow", None)  # per step, in the step log; the metrics carry the running count
         if self.step % self.t.log_every == 0 or last:
             metrics.update(meter.flush(), skipped_micro_batches=float(self.bad.total),

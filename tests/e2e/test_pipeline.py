@@ -61,13 +61,23 @@ def test_pipeline_runs_caches_and_reruns_downstream(overrides, prefect_harness):
     assert fourth["finetune"]["output_dir"] != first["finetune"]["output_dir"]
     assert fourth["train"]["encoder"]["version"] == "1" and fourth["finetune"]["registered"] == {"debug-authors": "2"}
 
+    # A time budget ends training as cramming does: a final evaluation and checkpoint, the HF export, the registry.
+    budget = pipeline_flow(config=config, overrides=[*overrides, "train.max_minutes=0.02", "train.max_steps=100000"],
+                           until="train")
+    assert _states(budget) == {**dict.fromkeys(["corpus", "tokenizer", "data"], True), "train": False}
+    trained = budget["train"]
+    assert trained["stopped"] == "time_budget" and 0 < trained["final_step"] < 100000
+    assert (Path(trained["output_dir"]) / "checkpoints" / f"step{trained['final_step']:08d}").is_dir()
+    assert (Path(trained["hf_dir"]) / "model.safetensors").exists()
+    assert "eval/mlm_loss" in trained["metrics"] and trained["encoder"]["version"] == "2"
+
     # MLflow: one parent run per pipeline run, a nested run per stage that ran, lineage tags, Prefect ids.
     cfg = load_config(config, overrides)
     client = MlflowClient(cfg.tracking_uri())
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     runs = client.search_runs([exp.experiment_id], max_results=100)
     parents = [r for r in runs if r.data.tags.get("bertscale.stage") == "pipeline"]
-    assert len(parents) == 4
+    assert len(parents) == 5
     first_parent = min(parents, key=lambda r: r.info.start_time)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == first_parent.info.run_id]
     assert {r.data.tags["bertscale.stage"] for r in children} >= {"corpus", "tokenizer", "data", "pretrain"}
