@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bertscale.model.dropout import dropout
+
 BACKENDS = ("auto", "flash", "sdpa")
 MAX_BUCKETS = 4  # SDPA calls per layer: more cut padding further, each costs a kernel launch and a gather
 
@@ -97,6 +99,17 @@ def choose_backend(requested: str, qkv: Tensor) -> str:
     return "flash" if requested == "flash" or (requested == "auto" and usable) else "sdpa"
 
 
+def attend(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, dropout_p: float) -> Tensor:
+    """`scaled_dot_product_attention`; with dropout on a CPU, where it runs the unfused math path anyway, the same
+    math with the cheaper dropout mask of `bertscale.model.dropout`."""
+    if dropout_p == 0.0 or q.device.type != "cpu" or torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask, float("-inf"))
+    return dropout(scores.softmax(-1), dropout_p) @ v
+
+
 def varlen_attention(qkv: Tensor, segments: Segments, dropout_p: float, backend: str = "auto") -> Tensor:
     """Attention of packed tokens within their segments: qkv [N, 3, heads, head_dim] -> [N, heads * head_dim]."""
     n, _, heads, dim = qkv.shape
@@ -109,6 +122,6 @@ def varlen_attention(qkv: Tensor, segments: Segments, dropout_p: float, backend:
     outs = []
     for b in segments.buckets:
         q, k, v = rows.index_select(0, b.gather).view(b.count, b.length, 3, heads, dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=b.key_mask, dropout_p=dropout_p)
+        out = attend(q, k, v, b.key_mask, dropout_p)
         outs.append(out.transpose(1, 2).reshape(b.count * b.length, heads * dim).index_select(0, b.valid))
     return torch.cat(outs).index_select(0, segments.restore)

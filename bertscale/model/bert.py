@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from bertscale.errors import ConfigError
 from bertscale.model.attention import BACKENDS, Segments, varlen_attention
+from bertscale.model.dropout import Dropout
 
 # HF's activation names; "gelu" is the exact erf form BERT was trained with.
 ACTIVATIONS = {
@@ -158,7 +159,7 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor, position_ids: Tensor) -> Tensor:
         # Any leading shape: [B, T] for the padded path, [N] for packed tokens.
@@ -209,7 +210,7 @@ class BertSelfOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(in_features or config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: Tensor, residual: Tensor) -> Tensor:
         return self.LayerNorm(self.dropout(self.dense(x)) + residual)
@@ -403,7 +404,8 @@ def _classification_stats(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tenso
     valid = labels != -100
     count = valid.sum()
     loss = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum") / count.clamp(min=1)
-    correct = ((logits.argmax(-1) == labels) & valid).sum()
+    # max(-1).indices, not argmax: the same index, ~3x faster over a [masked, vocab] bf16 matrix on CPU.
+    correct = ((logits.detach().max(-1).indices == labels) & valid).sum()
     return loss, correct, count
 
 
@@ -458,7 +460,7 @@ class BertForSequenceClassification(BertPreTrainedModel):
             raise ConfigError(f"num_labels={num_labels}: use 1 for regression or >= 2 for classification")
         self.num_labels = num_labels
         self.bert = BertModel(config)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         self.init_weights()
 
