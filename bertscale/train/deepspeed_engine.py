@@ -142,8 +142,20 @@ def destroy_comm() -> bool:
     ds_comm = sys.modules.get("deepspeed.comm")
     if ds_comm is None or not ds_comm.is_initialized():
         return False
+    rank = ds_comm.get_rank()
     ds_comm.destroy_process_group()
+    release_shared_memory(rank)
     return True
+
+
+def release_shared_memory(rank: int, root: Path = Path("/dev/shm")) -> None:
+    """Unlink this rank's CPU all-reduce buffer, which DeepSpeed creates in shared memory
+    (`deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>`, 66 MiB) and never removes: every CPU
+    run would otherwise leave its ranks' buffers in RAM until reboot. Unlinking only drops the name; mappings
+    that peers still hold stay valid until they exit."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if addr and port:
+        (root / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}").unlink(missing_ok=True)
 
 
 def convert_to_universal(tag_dir: Path, out: Path) -> str | None:
