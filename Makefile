@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch, installed before the project so that pip never resolves a multi-GB CUDA build.
 # GPU users: make TORCH_SPEC='torch' (or install their torch into .venv first).
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,hf,dask
+EXTRAS ?= dev,hf,dask,postgres
 PYTEST_ARGS ?=
 
 .PHONY: install demo test test-fast bench clean

@@ -326,7 +326,8 @@ def _add_submit(sub: argparse._SubParsersAction) -> None:
                    help="Rendezvous port (default: derived from the SLURM job id; 29500 on k8s).")
     p.add_argument("--template", help="Use this template instead of the one in deploy/.")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="Environment for every rank.")
-    p.add_argument("--dry-run", action="store_true", help="Render only; print the paths.")
+    p.add_argument("--dry-run", action="store_true",
+                   help="Render only; print the paths and the command that would submit the job (e.g. kubectl apply).")
     p.set_defaults(func=_run_submit)
 
 

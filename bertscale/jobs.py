@@ -4,13 +4,16 @@ Starting ranks is `bertscale.train.launch`'s job; this module only wraps it for 
 the same per-rank command (`rank_args` / `srun_command`) on the same resolved config
 (`write_config` / `config_text`). `local` runs the job here through `launch_pretraining`,
 tracked like `bertscale pretrain`; `slurm` writes an sbatch script and calls `sbatch`; `k8s` writes a manifest
-(headless Service + ConfigMap + Indexed Job) and calls `kubectl apply`. `dry_run` renders only, so the files can
-be reviewed or submitted by other means. The templates ship in the package (`bertscale/resources/deploy/`; the
+(headless Service + ConfigMap + Indexed Job) and calls `kubectl apply`. `dry_run` renders only and returns the
+command that would submit the job (`sbatch ...`, `kubectl apply -f ...`), so the files can be reviewed first or
+submitted by other means. The templates ship in the package (`bertscale/resources/deploy/`; the
 repository's `deploy/slurm` and `deploy/k8s` link to them); `--template` replaces one.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import shlex
 import shutil
 import string
@@ -19,8 +22,6 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
-
-import yaml
 
 from bertscale import tracking
 from bertscale.config import PipelineConfig
@@ -32,6 +33,7 @@ from bertscale.train.launch import (CONFIG_FILE, LaunchFailed, LaunchSpec, build
 # Where the ConfigMap holding the resolved config is mounted in every pod.
 K8S_CONFIG = "/etc/bertscale/pipeline.yaml"
 Backend = Literal["local", "slurm", "k8s"]
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass
@@ -61,6 +63,10 @@ class JobSpec:
             raise ConfigError(f"master port {self.master_port}: use a port in [1024, 65536)")
         if not self.job_name.replace("-", "").isalnum() or self.job_name != self.job_name.lower():
             raise ConfigError(f"job name {self.job_name!r}: use lowercase letters, digits and dashes (a DNS label)")
+        bad = sorted(k for k in self.env if not _ENV_NAME.fullmatch(k))
+        if bad:
+            raise ConfigError(f"job environment names {bad}: use letters, digits and underscores, not starting "
+                              "with a digit (names both a shell and Kubernetes accept)")
 
 
 def _template(spec: JobSpec, default: str) -> string.Template:
@@ -93,7 +99,8 @@ def render_slurm(cfg: PipelineConfig, spec: JobSpec, config_path: Path) -> str:
 def render_k8s(cfg: PipelineConfig, spec: JobSpec) -> str:
     resolved = config_text(cfg)
     env = {"PYTHONUNBUFFERED": "1", **spec.env}
-    env_list = "\n".join(f"            - {{name: {k}, value: {yaml.safe_dump(v).strip()!s}}}"
+    # A JSON string is a YAML double-quoted scalar: every value stays a string, whatever it looks like.
+    env_list = "\n".join(f"            - {{name: {json.dumps(k)}, value: {json.dumps(str(v))}}}"
                          for k, v in sorted(env.items()))
     limits = {"cpu": str(spec.cpus_per_task * spec.procs_per_node)}
     if spec.gpus_per_node:
@@ -118,7 +125,8 @@ def _run(cmd: list[str]) -> str:
 
 
 def submit(cfg: PipelineConfig, backend: Backend, spec: JobSpec, dry_run: bool = False) -> dict[str, str]:
-    """Render the job for `backend` into `<workdir>/jobs/` and submit it; returns paths and the job id."""
+    """Render the job for `backend` into `<workdir>/jobs/` and submit it; returns paths and the job id (with
+    `dry_run`: paths and the command that would submit it)."""
     spec.validate()
     if backend not in ("local", "slurm", "k8s"):
         raise ConfigError(f"unknown backend {backend!r}: choose local, slurm or k8s")
@@ -143,13 +151,15 @@ def submit(cfg: PipelineConfig, backend: Backend, spec: JobSpec, dry_run: bool =
     if backend == "slurm":
         script = jobs_dir / f"{spec.job_name}.sbatch"
         script.write_text(render_slurm(cfg, spec, config_path))
+        cmd = ["sbatch", "--parsable", str(script)]
         if dry_run:
-            return {"script": str(script), "config": str(config_path)}
-        out = _run(["sbatch", "--parsable", str(script)])
+            return {"script": str(script), "config": str(config_path), "command": shlex.join(cmd)}
+        out = _run(cmd)
         return {"script": str(script), "config": str(config_path), "job_id": out.split(";")[0]}
     manifest = jobs_dir / f"{spec.job_name}.k8s.yaml"
     manifest.write_text(render_k8s(cfg, spec))
+    cmd = ["kubectl", "apply", "-f", str(manifest)]
     if dry_run:
-        return {"manifest": str(manifest)}
-    _run(["kubectl", "apply", "-f", str(manifest)])
+        return {"manifest": str(manifest), "command": shlex.join(cmd)}
+    _run(cmd)
     return {"manifest": str(manifest), "job_id": spec.job_name}

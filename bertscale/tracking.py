@@ -273,16 +273,20 @@ def register_model(
     model_dir: str | Path, name: str, score: float | None = None, tags: Mapping[str, Any] | None = None,
     artifact_path: str = "model",
 ) -> str:
-    """Log an HF-format model dir to the active run and register it as a new version of `name`.
+    """Log an HF-format model dir to the active run as an MLflow model (bertscale.serving's pyfunc, with
+    signature and input example) and register it as a new version of `name`.
 
-    The version's source is the run's artifact folder, so `resolve_model_uri` can download it from any client of
-    the same tracking server. `score` is stored as a version tag for the promotion gate. Returns the version.
+    `mlflow.pyfunc.load_model("models:/<name>/<version>")` and `mlflow models serve` load what is registered;
+    `resolve_model_uri` gets the HF dir back. `score` is stored as a version tag for the promotion gate.
+    Returns the version.
     """
     mlflow = _mlflow()
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("register_model needs an active MLflow run")
-    mlflow.log_artifacts(str(model_dir), artifact_path=artifact_path)
+    from bertscale import serving
+
+    info = serving.log_model(model_dir, name=artifact_path)
     client = _client()
     from mlflow.exceptions import MlflowException
 
@@ -291,10 +295,10 @@ def register_model(
     except MlflowException:
         client.create_registered_model(name, tags={"bertscale": "true"})
     all_tags = {k: str(v) for k, v in (tags or {}).items()}
+    all_tags["bertscale.kind"] = serving.model_kind(Path(model_dir))
     if score is not None:
         all_tags[SCORE_TAG] = repr(float(score))
-    source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
-    version = client.create_model_version(name=name, source=source, run_id=run.info.run_id, tags=all_tags)
+    version = mlflow.register_model(info.model_uri, name, tags=all_tags)
     return str(version.version)
 
 
@@ -356,29 +360,27 @@ def find_version(name: str, tag: str, value: str) -> str | None:
 
 
 def resolve_model_uri(uri: str, dst: str | Path | None = None) -> Path:
-    """Download the model behind `models:/name@alias` or `models:/name/version` and return its local dir."""
+    """Download the model behind `models:/name@alias` or `models:/name/version` and return its HF-format dir."""
     from mlflow.exceptions import MlflowException
 
     if not uri.startswith("models:/"):
         raise BertscaleError(f"{uri!r} is not a registry URI (models:/name@alias or models:/name/version)")
     ref = uri.removeprefix("models:/")
+    if "@" not in ref and "/" not in ref:
+        raise BertscaleError(f"{uri!r}: give an alias or a version, e.g. models:/{ref}@champion")
+    name, version = alias_version(uri).removeprefix("models:/").split("/", 1)  # an alias names a version now
     client = _client()
     try:
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            version = client.get_model_version_by_alias(name, alias)
-        elif "/" in ref:
-            name, number = ref.split("/", 1)
-            version = client.get_model_version(name, number)
-        else:
-            raise BertscaleError(f"{uri!r}: give an alias or a version, e.g. models:/{ref}@champion")
+        client.get_model_version(name, version)
     except MlflowException as e:
         raise BertscaleError(f"{uri} not found in the registry at {_mlflow().get_tracking_uri()}: "
                              f"{e.message.splitlines()[0]}") from None
     from mlflow.artifacts import download_artifacts
 
-    local = download_artifacts(artifact_uri=version.source, dst_path=str(dst) if dst else None)
-    return Path(local)
+    from bertscale.serving import hf_dir_of
+
+    local = download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dst) if dst else None)
+    return hf_dir_of(Path(local))
 
 
 def list_models() -> list[dict[str, Any]]:
@@ -436,3 +438,29 @@ def register_encoder(cfg: PipelineConfig, hf_dir: str | Path, metrics: Mapping[s
     gate = promote(name, version, cfg.registry.encoder_margin, higher_is_better=not metric.endswith("loss"))
     return {**info, "version": version, "uri": f"models:/{name}/{version}", "registered_now": True,
             "score": gate.score, "promotion": ("promoted: " if gate.promoted else "kept: ") + gate.reason}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Aliases pinned to versions
+# ----------------------------------------------------------------------------------------------------------------
+def alias_version(uri: str) -> str:
+    """`models:/name@alias` as the version the alias names now, `models:/name/N` (a version URI comes back as
+    is): what a run records and a stage cache key covers, so that a moved alias is a new input. A model or an
+    alias that does not exist is one line naming the model's aliases."""
+    from mlflow.exceptions import MlflowException
+
+    ref = uri.removeprefix("models:/")
+    if not uri.startswith("models:/") or not ("@" in ref or "/" in ref):
+        raise BertscaleError(f"{uri!r} is not a registry URI: give models:/name@alias or models:/name/version")
+    if "@" not in ref:
+        return uri
+    name, alias = ref.split("@", 1)
+    try:
+        aliases = {a: str(v) for a, v in (_client().get_registered_model(name).aliases or {}).items()}
+    except MlflowException:
+        raise BertscaleError(f"{uri}: no registered model named {name!r} in the registry at "
+                             f"{_mlflow().get_tracking_uri()}; see `bertscale models list`") from None
+    if alias not in aliases:
+        have = ", ".join(f"{a} (version {v})" for a, v in sorted(aliases.items())) or "none"
+        raise BertscaleError(f"{uri}: model {name!r} has no alias {alias!r}; its aliases: {have}")
+    return f"models:/{name}/{aliases[alias]}"

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -40,6 +41,9 @@ from pathlib import Path
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
 
 from bertscale.config import CorpusConfig, PipelineConfig, is_uri
 from bertscale.corpus.dedup import (
@@ -59,6 +63,7 @@ from bertscale.corpus.output import (
     delete_tree,
     file_fingerprint,
     join,
+    open_for_read,
     read_bytes,
     read_json,
     read_spill,
@@ -79,6 +84,7 @@ from bertscale.corpus.runners import (
 )
 from bertscale.corpus.units import UnitProcessor, UnitResult, read_keys, ref_row, ref_unit, spill_path
 from bertscale.errors import BertscaleError
+from bertscale.progress import logs_above, progress_bar
 
 __all__ = ["CorpusResult", "build_graph", "check_pipeline_options", "check_runner_name", "dedup_buckets",
            "run_corpus", "run_plain", "validate_runner"]
@@ -454,6 +460,85 @@ def _prepare(cfg: PipelineConfig) -> StagePlan:
     return StagePlan(units, files, work_dir, out_dir, dedup_buckets(sum(f.size for f in files)))
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Progress
+# ------------------------------------------------------------------------------------------------------------
+class UnitProgress:
+    """The launcher's view of a running graph: work units processed, documents that passed the filters, shards
+    written, as a progress bar (`bertscale.progress`) fed by a thread that polls the work and output directories.
+
+    A unit writes its key files last, after closing its spill file: a unit is done once its `.exact` key file
+    exists, and its spill file's parquet footer then holds the number of documents it kept. Any runner's workers
+    write where the launcher can read (a local or shared disk, gs://), whereas Beam's local runner reports
+    metrics only once the pipeline has finished and the DaskRunner reports none. Nothing polls when the bar is
+    not drawn.
+    """
+
+    LOCAL_POLL_S = 2.0
+    REMOTE_POLL_S = 30.0  # listing an object store costs requests
+
+    def __init__(self, plan: StagePlan, poll_s: float | None = None) -> None:
+        self.plan = plan
+        self.poll_s = poll_s if poll_s is not None else (
+            self.REMOTE_POLL_S if is_uri(plan.work_dir) else self.LOCAL_POLL_S)
+        self.bar = progress_bar(len(plan.units), "corpus: units", "unit")
+        self.done: set[int] = set()
+        self.documents = self.shards = 0
+        self._start = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> UnitProgress:
+        if not self.bar.disable:
+            self._thread = threading.Thread(target=self._watch, name="corpus-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            if kind is None:
+                self._guarded_poll()  # the final counts, whatever the polling interval
+        self.bar.close()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self._guarded_poll()
+
+    def _guarded_poll(self) -> None:
+        try:
+            self.poll()
+        except Exception:  # noqa: BLE001 - a progress report must never fail the stage
+            log.debug("corpus: progress poll failed", exc_info=True)
+
+    def poll(self) -> None:
+        """Count the units finished and shards written since the last poll, and update the bar."""
+        new = 0
+        for path in _matching(join(self.plan.work_dir, "units", "unit-*.exact")):
+            index = int(path.rsplit("unit-", 1)[1].split(".", 1)[0])
+            if index in self.done or index >= len(self.plan.units):
+                continue
+            try:
+                with open_for_read(spill_path(self.plan.work_dir, index)) as fh:
+                    rows = pq.ParquetFile(fh).metadata.num_rows
+            except (OSError, pa.ArrowException):
+                continue  # a retried bundle is rewriting it: counted at a later poll
+            self.done.add(index)
+            self.documents += rows
+            new += 1
+        self.shards = len(_matching(join(self.plan.out_dir, "shards", "part-*.parquet")))
+        self.bar.set_postfix(passed=f"{self.documents:,}", shards=self.shards, refresh=False)
+        self.bar.update(new)
+        if new and len(self.done) == len(self.plan.units):
+            log.info("corpus: all %d units processed in %.0f s, %s documents passed the filters; deduplicating "
+                     "and writing shards", len(self.done), time.monotonic() - self._start, f"{self.documents:,}")
+
+
+def _matching(pattern: str) -> list[str]:
+    return [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+
+
 def _local_or_uri(location: str) -> Path | str:
     return location if is_uri(location) else Path(location)
 
@@ -463,7 +548,8 @@ def _run(cfg: PipelineConfig, engine) -> CorpusResult:
     plan = _prepare(cfg)
     log.info("corpus: %d files in %d work units, %d dedup buckets -> %s", len(plan.files), len(plan.units),
              plan.buckets, plan.out_dir)
-    engine(cfg.corpus, plan)
+    with UnitProgress(plan) as progress, logs_above(progress.bar):
+        engine(cfg.corpus, plan)
     summary = read_json(join(plan.work_dir, "summary.json"))
     manifest, counts = build_manifest(cfg.corpus, summary, plan.out_dir, len(plan.files),
                                       sum(f.size for f in plan.files))

@@ -44,6 +44,7 @@ from bertscale.data.nsp_pool import PoolSample, build_pool, per_shard_counts
 from bertscale.data.shards import SPLITS, BuildSettings, ShardJob, build_shard, shard_name
 from bertscale.data.storage import remove_stale, write_json
 from bertscale.errors import InputError
+from bertscale.progress import logs_above, progress_bar
 from bertscale.tracking import StageRecord
 
 log = logging.getLogger(__name__)
@@ -189,14 +190,18 @@ def _build_shards(cfg: PipelineConfig, out: Path, jobs: list[ShardJob], pool_job
     for old in [out / ".cache", *(p for p in out.glob("seq*") if p.name[3:].isdigit())]:
         shutil.rmtree(old, ignore_errors=True)
     records = []
-    with process_map(num_proc) as run:
+    documents = 0
+    with process_map(num_proc) as run, progress_bar(len(jobs), "data: shards", "shard") as bar, logs_above(bar):
         if pool_key is not None:
             pool = build_pool(out, pool_jobs, pool_key, run)
             log.info("B pool: %d train, %d held-out documents", pool["train"], pool["heldout"])
         for rec in run(build_shard, jobs):
             records.append(rec)
+            documents += rec["counts"]["documents_input"]
             log.info("shard %d/%d %s: %s", len(records), len(jobs), "verified, reused" if rec["reused"] else "built",
                      rec["source"])
+            bar.set_postfix(documents=f"{documents:,}", refresh=False)
+            bar.update(1)
     return records
 
 

@@ -42,8 +42,9 @@ from bertscale.finetune.tasks import Hparams, TaskSpec, get_task
 from bertscale.hardware import resolve_compile, resolve_precision
 from bertscale.model import BertForSequenceClassification
 from bertscale.model.bert import compile_dense_blocks
-from bertscale.model.hf import export_hf, load_pretrained
+from bertscale.model.hf import FINETUNE_FILE, export_hf, load_pretrained
 from bertscale.model.weights import copy_tokenizer_files
+from bertscale.progress import ProgressBar, logs_above, progress_bar
 from bertscale.tokenizer import special_ids
 from bertscale.train import deepspeed_engine, distributed
 from bertscale.train.deepspeed_engine import EngineSpec, build_ds_config
@@ -52,7 +53,6 @@ from bertscale.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
 
-FINETUNE_FILE = "bertscale_finetune.json"
 
 
 @dataclass
@@ -179,7 +179,7 @@ class LoopState:
 
 def _train_epoch(model: nn.Module, stepper: PlainStepper | DeepSpeedStepper, batches: list[list[int]],
                  data: Encoded, pad_id: int, regression: bool, precision: str, total: int,
-                 state: LoopState, log_every: int = 20) -> float:
+                 state: LoopState, bar: ProgressBar, log_every: int = 20) -> float:
     """One pass over `batches` (stopping at `total` steps); returns the mean training loss."""
     device = next(model.parameters()).device
     losses = []
@@ -196,6 +196,9 @@ def _train_epoch(model: nn.Module, stepper: PlainStepper | DeepSpeedStepper, bat
         losses.append(float(loss.detach()))
         if state.step % log_every == 0:
             state.loss_curve.append((state.step, float(np.mean(losses[-log_every:]))))
+        # Drawn at the bar's next redraw (refresh=False): a redraw per step would defeat its rate limit.
+        bar.set_postfix(loss=f"{np.mean(losses[-log_every:]):.4f}", refresh=False)
+        bar.update(1)
     return float(np.mean(losses)) if losses else float("nan")
 
 
@@ -221,26 +224,28 @@ def _train_epochs(model: nn.Module, stepper: PlainStepper | DeepSpeedStepper, ta
                   per_epoch: int) -> LoopState:
     state = LoopState()
     regression = task.kind == "regression"
-    for epoch in range(1, math.ceil(total / per_epoch) + 1):
-        if group_by_length:
-            batches = length_grouped_batches(train_data.lengths, hp.batch_size, seed + epoch)
-        else:
-            batches = random_batches(len(train_data), hp.batch_size, seed + epoch)
-        start = time.perf_counter()
-        lr = stepper.lr()
-        loss = _train_epoch(model, stepper, batches, train_data, pad_id, regression, precision, total, state)
-        state.seconds += time.perf_counter() - start
-        results, confusion = evaluate_splits(model, task, evals, pad_id, precision)
-        selection = float(np.mean([r["score"] for r in results.values()])) if results else -loss
-        record = EpochRecord(epoch, state.step, loss, lr, time.perf_counter() - start, results, selection)
-        state.history.append(record)
-        log.info("%s seed %d epoch %d: loss %.4f %s", task.name, seed, epoch, loss,
-                 {k: round(v["score"], 4) for k, v in results.items()})
-        if state.best_state is None or selection > state.history[state.best_epoch - 1].selection:
-            state.best_epoch, state.confusion = epoch, confusion
-            state.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if on_epoch is not None:
-            on_epoch(record)
+    # The bar's rate gives the ETA of the training steps; evaluation time between epochs is not in it.
+    with progress_bar(total, f"finetune {task.name} seed {seed}", "step") as bar, logs_above(bar):
+        for epoch in range(1, math.ceil(total / per_epoch) + 1):
+            if group_by_length:
+                batches = length_grouped_batches(train_data.lengths, hp.batch_size, seed + epoch)
+            else:
+                batches = random_batches(len(train_data), hp.batch_size, seed + epoch)
+            start = time.perf_counter()
+            lr = stepper.lr()
+            loss = _train_epoch(model, stepper, batches, train_data, pad_id, regression, precision, total, state, bar)
+            state.seconds += time.perf_counter() - start
+            results, confusion = evaluate_splits(model, task, evals, pad_id, precision)
+            selection = float(np.mean([r["score"] for r in results.values()])) if results else -loss
+            record = EpochRecord(epoch, state.step, loss, lr, time.perf_counter() - start, results, selection)
+            state.history.append(record)
+            log.info("%s seed %d epoch %d: loss %.4f %s", task.name, seed, epoch, loss,
+                     {k: round(v["score"], 4) for k, v in results.items()})
+            if state.best_state is None or selection > state.history[state.best_epoch - 1].selection:
+                state.best_epoch, state.confusion = epoch, confusion
+                state.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if on_epoch is not None:
+                on_epoch(record)
     return state
 
 
@@ -263,7 +268,9 @@ def save_model(model: nn.Module, task: TaskSpec, tokenizer: str | Path | Tokeniz
         copy_tokenizer_files(tokenizer, out_dir, with_record=True)
     else:
         tokenizer.save(str(out_dir / "tokenizer.json"))
-    meta = {"task": task.name, "kind": task.kind, "labels": list(task.labels), "metrics": list(task.metrics), **info}
+    pair = task.labelled is not None and task.labelled.text_b is not None
+    meta = {"task": task.name, "kind": task.kind, "labels": list(task.labels), "metrics": list(task.metrics),
+            "pair": pair, **info}
     (out_dir / FINETUNE_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     return out_dir
 

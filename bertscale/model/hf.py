@@ -65,6 +65,17 @@ class LoadReport:
         return "; ".join(parts)
 
 
+# The task record beside a fine-tuned model's weights: task name, kind, label names, whether it reads sentence
+# pairs, hyper-parameters and scores (written by fine-tuning, read by the MLflow model of bertscale.serving).
+FINETUNE_FILE = "bertscale_finetune.json"
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def is_hf_dir(path: Path) -> bool:
+    """Whether `path` is an HF-format model dir: a config.json beside safetensors (or pickled) weights."""
+    return (path / "config.json").is_file() and any((path / n).is_file() for n in HF_WEIGHT_FILES)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Export
 # ----------------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from bertscale import tracking
 from bertscale.config import PipelineConfig
 from bertscale.errors import InputError
 from bertscale.model.bert import BertConfig, BertForPreTraining
-from bertscale.model.hf import export_hf
+from bertscale.model.hf import export_hf, is_hf_dir
 from bertscale.tokenizer.wordpiece import STATS_FILE
 
 log = logging.getLogger(__name__)
@@ -33,14 +33,6 @@ log = logging.getLogger(__name__)
 MODEL_CONFIG = "bert_config.json"  # our architecture record in every checkpoint tag dir
 # The tokenizer files of the HF layout, copied beside exported weights so the dir is a complete HF model.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
-HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-
-
-def is_hf_dir(path: Path) -> bool:
-    """Whether `path` is an HF-format model dir: a config.json beside safetensors (or pickled) weights."""
-    return (path / "config.json").is_file() and any((path / n).is_file() for n in HF_WEIGHT_FILES)
-
-
 def resolve_weights(ref: str, export_dir: str | Path | None = None, cfg: PipelineConfig | None = None) -> Path:
     """An HF-format model directory for `ref`: an HF dir as is; a DeepSpeed checkpoint dir exported with
     `export_checkpoint` (into `export_dir`); `models:/name@alias` or `models:/name/version` downloaded from the

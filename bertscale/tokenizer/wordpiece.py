@@ -29,6 +29,7 @@ from tokenizers.models import WordPiece
 
 from bertscale.config import PipelineConfig, TokenizerConfig
 from bertscale.errors import ConfigError, InputError
+from bertscale.progress import ProgressBar, is_terminal, progress_bar, progress_enabled
 from bertscale.tracking import StageRecord
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 # Order matters: the trainer assigns ids in this order, so [PAD] is 0 as the model and collator expect.
 SPECIAL_TOKENS: dict[str, str] = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 STATS_FILE = "bertscale_tokenizer.json"
-PROGRESS_SECONDS = 30.0  # between progress lines while the corpus streams into the trainer
 MODEL_MAX_LENGTH = 512
 _CORPUS_SUFFIXES = (".parquet", ".txt")
 
@@ -242,8 +242,16 @@ class CorpusStream:
         return round((self.total_docs - self.heldout_target) * self.fraction)
 
     def __iter__(self) -> Iterator[list[str]]:
+        start = time.monotonic()
+        # On a terminal the trainer draws its own bars, for reading and for every phase after it; elsewhere
+        # they are hidden and this bar reports the reading.
+        with progress_bar(self.total_docs, "tokenizer: reading", "doc", enabled=not is_terminal(sys.stderr)) as bar:
+            yield from self._batches(bar)
+        log.info("tokenizer: all %s documents read in %.0f s (%s trained on); computing the vocabulary",
+                 f"{self.total_docs:,}", time.monotonic() - start, f"{self.counts['train_docs']:,}")
+
+    def _batches(self, bar: ProgressBar) -> Iterator[list[str]]:
         position = 0
-        start = last = time.monotonic()
         for path, n_docs, encoding in zip(self.files, self.doc_counts, self.encodings):
             if n_docs == 0:
                 self.counts["empty_files"] += 1
@@ -264,17 +272,11 @@ class CorpusStream:
                 if train:
                     self.counts["train_docs"] += len(train)
                     self.counts["train_chars"] += sum(map(len, train))
+                bar.set_postfix(trained=f"{self.counts['train_docs']:,}",
+                                text=f"{self.counts['train_chars'] / 1e6:.1f}MB", refresh=False)
+                bar.update(len(batch))
+                if train:
                     yield train
-                if time.monotonic() - last >= PROGRESS_SECONDS:
-                    last = time.monotonic()
-                    self._progress(position, last - start)
-        log.info("tokenizer: all %s documents read in %.0f s (%s trained on); computing the vocabulary",
-                 f"{position:,}", time.monotonic() - start, f"{self.counts['train_docs']:,}")
-
-    def _progress(self, position: int, seconds: float) -> None:
-        log.info("tokenizer: %s of %s documents read (%.0f%%), %s trained on (%.1f MB of text) in %.0f s",
-                 f"{position:,}", f"{self.total_docs:,}", 100 * position / max(self.total_docs, 1),
-                 f"{self.counts['train_docs']:,}", self.counts["train_chars"] / 1e6, seconds)
 
     def read_heldout(self) -> list[str]:
         """Only the held-out sample, reading just the files it lies in (for a tokenizer that is not trained)."""
@@ -358,8 +360,10 @@ def train_wordpiece(tcfg: TokenizerConfig, batches: Iterator[list[str]], length:
     tok = build_wordpiece(
         lowercase=tcfg.lowercase, strip_accents=tcfg.strip_accents, handle_chinese_chars=tcfg.handle_chinese_chars
     )
-    # Progress bars only for a person watching; in logs and tests they are noise.
-    tok.train_from_iterator(batches, trainer=make_trainer(tcfg, sys.stderr.isatty()), length=length)
+    # The trainer's own bars redraw without a rate limit: for a person at a terminal only (`CorpusStream` reports
+    # the reading elsewhere).
+    show = progress_enabled() and is_terminal(sys.stderr)
+    tok.train_from_iterator(batches, trainer=make_trainer(tcfg, show), length=length)
     return canonical_order(tok)
 
 

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from bertscale import tracking
 from bertscale.config import TrainConfig
 from bertscale.model.flops import flops_per_token, peak_flops
+from bertscale.progress import progress_bar
 from bertscale.train.distributed import DistEnv
 
 log = logging.getLogger(__name__)
@@ -111,8 +110,7 @@ class MetricsSink:
         if not self.enabled:
             return
         truncate_steps(self.path, start_step)
-        self.bar = tqdm(total=max_steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True,
-                        mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        self.bar = progress_bar(max_steps, "pretrain", "step", initial=start_step, is_main=env.is_main)
 
     def step(self, step: int, record: dict[str, float]) -> None:
         if not self.enabled:

@@ -4,6 +4,7 @@ the challenger/champion promotion gate, and `models:/name@alias` resolution (als
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -60,20 +61,29 @@ def store(request, tmp_path):
     return [f"workdir={tmp_path}"]
 
 
-def _model_dir(path: Path, tag: str) -> Path:
-    path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps({"model_type": "bert", "tag": tag}))
-    (path / "model.safetensors").write_bytes(tag.encode() * 100)
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random-init encoder in the HF layout with its tokenizer."""
+    from conftest import make_keyword_task
+
+    return make_keyword_task(tmp_path_factory.mktemp("tiny"), ["a", "b"], k=3, rows=16)[1]
+
+
+def _model_dir(base: Path, path: Path, tag: str) -> Path:
+    """A copy of `base` whose config.json records `tag` (an extra field that loading ignores)."""
+    shutil.copytree(base, path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "tag": tag}))
     return path
 
 
-def test_register_promote_resolve(store, tmp_path, capsys):
+def test_register_promote_resolve(store, tiny_model, tmp_path, capsys):
     cfg = load_config(overrides=store)
     name = f"bert-{time.time_ns()}"
     versions, decisions = {}, {}
     for tag, score in [("v1", 0.70), ("v2", 0.69), ("v3", 0.75)]:
         with tracking.stage_run(cfg, "finetune"):
-            versions[tag] = tracking.register_model(_model_dir(tmp_path / tag, tag), name, score=score,
+            versions[tag] = tracking.register_model(_model_dir(tiny_model, tmp_path / tag, tag), name, score=score,
                                                     tags={"bertscale.task": "SST-2"})
         decisions[tag] = tracking.promote(name, versions[tag], margin=0.01)
     assert [decisions[t].promoted for t in ("v1", "v2", "v3")] == [True, False, True]
@@ -84,7 +94,8 @@ def test_register_promote_resolve(store, tmp_path, capsys):
     champion = tracking.resolve_model_uri(f"models:/{name}@champion", dst=tmp_path / "champ")
     assert json.loads((champion / "config.json").read_text())["tag"] == "v3"
     challenger = tracking.resolve_model_uri(f"models:/{name}/{versions['v2']}", dst=tmp_path / "v2")
-    assert (challenger / "model.safetensors").read_bytes() == b"v2" * 100
+    assert json.loads((challenger / "config.json").read_text())["tag"] == "v2"
+    assert (challenger / "model.safetensors").read_bytes() == (tiny_model / "model.safetensors").read_bytes()
 
     shown = tracking.show_model(name)
     aliases = {v["version"]: v["aliases"] for v in shown["versions"]}
@@ -97,6 +108,6 @@ def test_register_promote_resolve(store, tmp_path, capsys):
     assert main(["models", "resolve", f"{name}@champion", *sets, "--dst", str(tmp_path / "cli")]) == 0
     assert Path(capsys.readouterr().out.strip().splitlines()[-1]).joinpath("config.json").exists()
     assert main(["models", "resolve", f"{name}@nope", *sets]) == 2
-    assert "not found in the registry" in capsys.readouterr().err
+    assert f"model {name!r} has no alias 'nope'; its aliases: challenger" in capsys.readouterr().err
     with pytest.raises(BertscaleError, match="give an alias or a version"):
         tracking.resolve_model_uri(f"models:/{name}")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
+from pathlib import Path
 
 import yaml
 import pytest
@@ -51,6 +53,8 @@ def test_k8s_manifest(cfg):
 def test_bad_job_name_and_missing_tool(cfg, monkeypatch):
     with pytest.raises(ConfigError, match="DNS label"):
         submit(cfg, "k8s", JobSpec(job_name="Bad_Name"), dry_run=True)
+    with pytest.raises(ConfigError, match=r"environment names \['1X', 'A.B'\]"):
+        submit(cfg, "slurm", JobSpec(env={"OK_1": "x", "A.B": "y", "1X": "z"}), dry_run=True)
     monkeypatch.setenv("PATH", "")
     with pytest.raises(BertscaleError, match="sbatch` not found"):
         submit(cfg, "slurm", JobSpec())
@@ -84,3 +88,19 @@ def test_slurm_tasks_get_their_rank_from_slurm_not_the_submitting_shell(cfg, tmp
     task_env = dict(line.split("=", 1) for line in (tmp_path / "task-env").read_text().splitlines() if "=" in line)
     assert not set(stale) & set(task_env)
     assert task_env["MASTER_ADDR"] == "node0" and task_env["MASTER_PORT"] == "20007"
+
+
+@pytest.mark.parametrize("backend, tool", [("k8s", "kubectl apply -f"), ("slurm", "sbatch --parsable")])
+def test_dry_run_prints_the_command_that_would_submit_the_job(tmp_path, capsys, backend, tool):
+    from bertscale.cli import main
+
+    assert main(["submit", "--backend", backend, "--dry-run", "--workdir", str(tmp_path), "--no-tracking",
+                 "--job-name", "bert-b", "--env", "NCCL_DEBUG=INFO"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rendered = out["manifest" if backend == "k8s" else "script"]
+    assert out["command"] == f"{tool} {rendered}" and Path(rendered).is_file()
+    assert rendered == str(tmp_path.resolve() / "jobs" / ("bert-b.k8s.yaml" if backend == "k8s" else "bert-b.sbatch"))
+    if backend == "k8s":
+        job = list(yaml.safe_load_all(Path(rendered).read_text()))[2]
+        env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+        assert {"name": "NCCL_DEBUG", "value": "INFO"} in env  # a plain value stays exactly itself
