@@ -10,7 +10,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import pytest
 import torch
 
 from conftest import make_keyword_task
+from servers import free_port, wait_http
 
 from bertscale import tracking
 from bertscale.config import CustomTaskConfig, PipelineConfig
@@ -143,33 +143,14 @@ def test_missing_alias_names_the_aliases_it_has(registry):
 # ----------------------------------------------------------------------------------------------------------------
 # `mlflow models serve`
 # ----------------------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(uri: str, tracking_uri: str, log: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     # The server runs `uvicorn` from PATH, as in an activated virtual environment.
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local",
                              "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
                             env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     return proc, f"http://127.0.0.1:{port}"
-
-
-def _wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, f"the server exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"the scoring server did not answer /ping:\n{log.read_text()[-3000:]}")
 
 
 def _post(url: str, body: bytes | dict) -> tuple[int, dict]:
@@ -190,7 +171,7 @@ def test_serve_the_champion(registry, tmp_path):
     log = tmp_path / "serve.log"
     proc, url = _serve("models:/mm-yesno@champion", registry["uri"], log)
     try:
-        _wait_ready(proc, url, log)
+        wait_http(f"{url}/ping", proc, log, timeout=120)
         status, split = _post(url, {"dataframe_split": frame.to_dict(orient="split")})
         assert status == 200, split
         got = pd.DataFrame(split["predictions"])

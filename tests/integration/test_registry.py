@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from servers import free_port, wait_http
 
 from bertscale import tracking
 from bertscale.cli import main
@@ -20,33 +20,21 @@ from bertscale.config import load_config
 from bertscale.errors import BertscaleError
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
            "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "art"),
            "--workers", "1"]
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        assert proc.poll() is None, (root / "server.log").read_text()[-2000:]
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            time.sleep(1)
-    else:
+    try:
+        wait_http(f"{url}/health", proc, root / "server.log", timeout=120)
+    except (RuntimeError, TimeoutError):
         proc.kill()
-        pytest.fail("mlflow server did not start")
+        raise
     yield url
     proc.terminate()
     proc.wait(timeout=30)

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 from pathlib import Path
 
 from bertscale import doctor
+from servers import free_port
+
 from bertscale.config import load_config
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_handshake_reaches_rank0_and_compares_versions(tmp_path):
-    port = _free_port()
+    port = free_port()
     served: list = []
     t = threading.Thread(target=lambda: served.append(doctor.serve(port, peers=1, timeout=20)))
     t.start()
@@ -33,7 +28,7 @@ def test_handshake_reaches_rank0_and_compares_versions(tmp_path):
 
 
 def test_unreachable_master_fails_with_advice(tmp_path):
-    report = doctor.run_doctor(load_config(overrides=[f"workdir={tmp_path}"]), "127.0.0.1", _free_port(), 1)
+    report = doctor.run_doctor(load_config(overrides=[f"workdir={tmp_path}"]), "127.0.0.1", free_port(), 1)
     assert not report.ok
     assert "doctor --serve" in report.render()
 
