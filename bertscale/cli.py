@@ -70,6 +70,17 @@ def _add_corpus(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--requirements-file", help="requirements.txt remote workers install.")
     p.add_argument("--sdk-container-image", help="Worker image with bertscale installed (deploy/Dockerfile, "
                    "target beam-worker).")
+    p.add_argument("--decontaminate", nargs="*", metavar="TASK",
+                   help="Remove text sharing an n-gram with the dev/test files of these fine-tuning tasks (GLUE "
+                   "names read from --glue-dir, or finetune.custom_tasks names); with no names, finetune.tasks. "
+                   "Added to corpus.decontamination.eval_files.")
+    p.add_argument("--glue-dir", help="GLUE copy the --decontaminate tasks are read from (config: "
+                   "finetune.glue_dir).")
+    p.add_argument("--ngram", type=int, help="Words in a matching n-gram (config: corpus.decontamination.ngram, "
+                   "default 13).")
+    p.add_argument("--decontamination-mode", choices=["document", "passage"],
+                   help="Drop a matching document, or only its matching sentences (config: "
+                   "corpus.decontamination.mode).")
     p.set_defaults(func=_run_corpus)
 
 
@@ -82,7 +93,19 @@ def _run_corpus(args: argparse.Namespace) -> int:
     corpus = _section(inputs=args.inputs or None, output=args.output, format=args.format)
     if runner:
         corpus["runner"] = runner
-    cfg = _config(args, {"corpus": corpus})
+    decontamination = _section(ngram=args.ngram, mode=args.decontamination_mode)
+    if decontamination:
+        corpus["decontamination"] = decontamination
+    finetune = _section(glue_dir=args.glue_dir, tasks=args.decontaminate or None)
+    cfg = _config(args, {"corpus": corpus, "finetune": finetune})
+    if args.decontaminate is not None:
+        from bertscale.lineage import task_eval_files  # the fine-tuning task registry: loaded only when asked
+
+        found = task_eval_files(cfg)
+        if not found:
+            raise ConfigError(f"--decontaminate: no dev or test file found for {', '.join(cfg.finetune.tasks)}; "
+                              "give --glue-dir (a local GLUE copy) or define the tasks in finetune.custom_tasks")
+        cfg.corpus.decontamination.eval_files = [*cfg.corpus.decontamination.eval_files, *found]
     result, _ = tracking.track_stage(cfg, "corpus", lambda: run_corpus(cfg))
     print(result.summary())
     return 0
@@ -248,16 +271,19 @@ def _run_export(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "finetune", help="Fine-tune on GLUE tasks (or your own CSV/TSV/JSONL task) and register the best models.",
+        "finetune", help="Fine-tune on GLUE tasks or your own (classification, NER, question answering) and register "
+        "the best models.",
         description="Fine-tune a checkpoint (HF dir, DeepSpeed checkpoint dir or models:/name@alias) on GLUE "
-        "tasks with the official metrics, over several seeds; results table, test predictions, MLflow registry.",
+        "tasks or custom tasks (finetune.custom_tasks in --config: CSV/TSV/JSONL classification or regression, "
+        "CoNLL/JSONL token classification, SQuAD v1.1/v2.0 question answering) with the official metrics, over "
+        "several seeds; results table, predictions, MLflow registry.",
     )
     _common(p)
     p.add_argument("--checkpoint", help="HF-format dir, DeepSpeed checkpoint dir, or models:/name@alias.")
     p.add_argument("--tokenizer", help="Tokenizer dir (default: the checkpoint's own; given, it replaces it, with a "
                    "warning). Checked against the checkpoint: size and special token ids.")
     p.add_argument("--glue-dir", help="Directory with GLUE task folders (CoLA/, SST-2/, ...).")
-    p.add_argument("--tasks", nargs="+", help="Task names, e.g. RTE MRPC STS-B.")
+    p.add_argument("--tasks", nargs="+", help="Task names, e.g. RTE MRPC STS-B, or custom task names.")
     p.add_argument("--seeds", type=int, nargs="+", help="One run per seed.")
     p.add_argument("-o", "--output", help="Output directory (config: finetune.output).")
     p.set_defaults(func=_run_finetune)

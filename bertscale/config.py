@@ -95,6 +95,54 @@ class RunnerConfig(Section):
     )
 
 
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\- ]*$"  # becomes part of metric names: letters, digits, _ . - and spaces
+
+
+class EvalFileConfig(Section):
+    """An evaluation file whose texts must not be in the pretraining corpus."""
+
+    task: str = Field(pattern=_NAME, description="Task name, as counted in the manifest (e.g. SST-2).")
+    split: str = Field("dev", pattern=_NAME, description="Split name, as reported (dev, test, dev_matched...).")
+    path: str = Field(description="The file (a local path or a Beam URI); the stage's launcher reads it.")
+    format: Literal["glue-tsv", "csv", "tsv", "jsonl", "conll", "squad"] = Field(
+        description="glue-tsv: tabs, no quoting, columns by index; csv/tsv/jsonl: columns by name (a JSONL list "
+        "of tokens is joined); conll: one token per line, blank lines between sentences; squad: SQuAD JSON "
+        "(every context and question).")
+    text_columns: list[int | str] = Field(
+        default_factory=list, description="Columns holding text: 0-based indices for glue-tsv, names for "
+        "csv/tsv/jsonl, the token column for conll (default 0); none for squad.")
+    header: bool = Field(True, description="glue-tsv: the first line is a header (CoLA's train/dev have none).")
+
+    @model_validator(mode="after")
+    def _columns_fit_the_format(self) -> "EvalFileConfig":
+        cols, where = self.text_columns, f"eval file {self.path}"
+        if self.format == "squad" and cols:
+            raise ValueError(f"{where}: squad files need no text_columns (contexts and questions are read)")
+        if self.format == "conll" and (len(cols) > 1 or any(not isinstance(c, int) for c in cols)):
+            raise ValueError(f"{where}: conll takes at most one text column, the token column's index")
+        if self.format in ("glue-tsv", "csv", "tsv", "jsonl") and not cols:
+            raise ValueError(f"{where}: format {self.format} needs text_columns")
+        want = int if self.format == "glue-tsv" else str
+        if self.format in ("glue-tsv", "csv", "tsv", "jsonl") and any(not isinstance(c, want) for c in cols):
+            raise ValueError(f"{where}: format {self.format} takes text_columns as "
+                             + ("0-based indices" if want is int else "column names"))
+        return self
+
+
+class DecontaminationConfig(Section):
+    """Corpus text sharing a long n-gram with an evaluation set is removed (GPT-3's 13-gram overlap check)."""
+
+    enabled: bool = Field(True, description="Check the corpus against eval_files (nothing to do while it is empty).")
+    ngram: int = Field(13, ge=3, le=64, description="Words in a matching n-gram, after normalisation (lower "
+                       "case, no punctuation or diacritics).")
+    mode: Literal["document", "passage"] = Field(
+        "document", description="document: drop a matching document; passage: drop the sentences a matching "
+        "n-gram touches and keep the rest (dropped whole if what is left fails the filters).")
+    eval_files: list[EvalFileConfig] = Field(
+        default_factory=list, description="The evaluation and test files; the pipeline flow fills it from the "
+        "fine-tuning tasks (bertscale.lineage.task_eval_files).")
+
+
 class CorpusConfig(Section):
     inputs: list[str] = Field(default_factory=list, description="Paths, directories, globs or Beam URIs (gs://, s3://).")
     output: str | None = Field(None, description="Output directory; None = <workdir>/corpus.")
@@ -127,6 +175,7 @@ class CorpusConfig(Section):
         None, description="Intermediate files written by the workers (a URI every worker can reach on a cluster, "
         "e.g. gs://bucket/tmp); None = <output>/_work, removed after a successful run.",
     )
+    decontamination: DecontaminationConfig = Field(default_factory=DecontaminationConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
 
 
@@ -275,21 +324,61 @@ class TrainConfig(Section):
 # Fine-tuning
 # ----------------------------------------------------------------------------------------------------------------
 class CustomTaskConfig(Section):
-    """A user's own task from CSV/TSV/JSONL files, with a mapping from its columns to text_a/text_b/label."""
+    """A user's own task: sentence(-pair) classification or regression from CSV/TSV/JSONL columns, token
+    classification (NER) from CoNLL or JSONL token lists, or extractive question answering from SQuAD JSON."""
 
     name: str = Field(description="Task name, used in finetune.tasks, tables and registered model names.")
-    train: str = Field(description="Training file (.csv, .tsv or .jsonl).")
+    train: str = Field(description="Training file (.csv, .tsv, .jsonl, CoNLL, or SQuAD .json).")
     dev: str | None = Field(None, description="Dev file for evaluation and best-epoch selection.")
-    test: str | None = Field(None, description="Unlabelled file to predict (written as <name>.tsv).")
-    format: Literal["auto", "csv", "tsv", "jsonl"] = Field("auto", description="auto = by file suffix.")
+    test: str | None = Field(None, description="File to predict (GLUE's <name>.tsv; CoNLL/JSONL/predictions.json).")
+    format: Literal["auto", "csv", "tsv", "jsonl", "conll", "squad"] = Field(
+        "auto", description="auto = by kind and file suffix (.jsonl/.json: JSONL, else CoNLL; squad for QA).")
     text_a: str = Field("text_a", description="Column with the first (or only) text.")
     text_b: str | None = Field(None, description="Column with the second text of a pair task.")
     label: str = Field("label", description="Column with the label (class name or number).")
-    index: str | None = Field(None, description="Column with row ids for predictions; None = row number.")
-    kind: Literal["classification", "regression"] = Field("classification", description="Head and loss type.")
-    labels: list[str] | None = Field(None, description="Class names in id order; None = sorted training labels.")
+    index: str | None = Field(None, description="Column (JSONL: key) with row ids for predictions; None = row number.")
+    kind: Literal["classification", "regression", "token_classification", "question_answering"] = Field(
+        "classification", description="Head, loss, metrics and file layout.")
+    labels: list[str] | None = Field(
+        None, description="Class (or tag) names in id order; None = sorted training labels ('O' first for tags).")
     metrics: list[Literal["accuracy", "f1", "matthews", "pearson", "spearman"]] | None = Field(
         None, description="None = accuracy (classification) or Pearson + Spearman (regression).")
+    tokens: str = Field("tokens", description="token_classification, JSONL: key of the list of tokens.")
+    tags: str = Field("tags", description="token_classification, JSONL: key of the list of tags.")
+    token_column: int = Field(0, description="token_classification, CoNLL: 0-based column of the token.")
+    tag_column: int = Field(-1, description="token_classification, CoNLL: column of the tag (-1 = the last).")
+    tag_scheme: Literal["iob1", "iob2", "bioes"] = Field(
+        "iob2", description="token_classification: tag prefixes allowed (IOB1/IOB2: B, I; BIOES: B, I, E, S).")
+    doc_stride: int | None = Field(
+        None, ge=0, description="Tokens shared by consecutive windows over long inputs (the tokenizer's stride); "
+        "None = 128 for question answering (at most half a window's context), half the window for tagging.")
+    squad_version: Literal["auto", "1.1", "2.0"] = Field(
+        "auto", description="question_answering: auto = the file's `version` field (2.0 allows unanswerable).")
+    max_query_length: int = Field(64, ge=1, description="question_answering: question tokens kept.")
+    max_answer_length: int = Field(30, ge=1, description="question_answering: longest answer span, in tokens.")
+    n_best_size: int = Field(20, ge=1, description="question_answering: start/end candidates per window.")
+
+    @model_validator(mode="after")
+    def _fields_fit_the_kind(self) -> "CustomTaskConfig":
+        formats = {"classification": ("csv", "tsv", "jsonl"), "regression": ("csv", "tsv", "jsonl"),
+                   "token_classification": ("conll", "jsonl"), "question_answering": ("squad",)}[self.kind]
+        if self.format not in ("auto", *formats):
+            raise ValueError(f"custom task {self.name}: format {self.format!r} does not fit kind {self.kind}; "
+                             f"use auto or one of {', '.join(formats)}")
+        only = {"classification": {"text_a", "text_b", "label", "metrics"},
+                "token_classification": {"tokens", "tags", "token_column", "tag_column", "tag_scheme", "doc_stride"},
+                "question_answering": {"squad_version", "max_query_length", "max_answer_length", "n_best_size",
+                                       "doc_stride"}}
+        only["regression"] = only["classification"]
+        # A field of another kind set to a non-default value is a mistake (a dumped config repeats the defaults).
+        foreign = sorted(k for k in set().union(*only.values()) - only[self.kind]
+                         if getattr(self, k) != type(self).model_fields[k].default)
+        if foreign:
+            raise ValueError(f"custom task {self.name}: {', '.join(foreign)} not used by kind {self.kind}; remove "
+                             "them or set the kind they belong to")
+        if self.kind == "regression" and self.labels:
+            raise ValueError(f"custom task {self.name}: labels do not apply to a regression task")
+        return self
 
 
 class FinetuneConfig(Section):

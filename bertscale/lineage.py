@@ -4,12 +4,18 @@ The whole-pipeline flow writes each stage into `<workdir>/<stage>/<fingerprint[:
 only when the stage succeeded. A finished output with the same fingerprint is reused; a changed config changes
 that stage's fingerprint and, through the upstream fingerprints, every later one; a partial output (no marker)
 is never reused.
+
+The train stage's fingerprint also covers what `train.init_from` points at: a registered version as is (its
+content never changes), a local dir by its files. A registry alias (`models:/name@champion`) is pinned to the
+version it names first (`pin_init_from`), and the stage then trains from that pinned version: the stage re-runs
+when the alias moves and is reused while it does not.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -18,9 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import bertscale
-from bertscale.config import PipelineConfig, dump_config, is_uri
-from bertscale.finetune.tasks import GLUE_TASKS, get_task
+from bertscale import tracking
+from bertscale.config import CustomTaskConfig, EvalFileConfig, PipelineConfig, dump_config, is_uri
+from bertscale.errors import ConfigError
+from bertscale.finetune.tasks import GLUE_TASKS, TaskSpec, get_task
 
+log = logging.getLogger(__name__)
 MARKER = "_COMPLETE.json"
 PACKAGE_DIR = Path(bertscale.__file__).resolve().parent
 
@@ -110,8 +119,122 @@ def task_inputs_fingerprint(cfg: PipelineConfig) -> str:
                     "absent": [p for p in paths if p not in present]})
 
 
+def task_eval_files(cfg: PipelineConfig) -> list[EvalFileConfig]:
+    """The dev and test files of the fine-tuning tasks (finetune.tasks) as corpus decontamination entries
+    (`corpus.decontamination.eval_files`), so the corpus never holds the text the tasks are evaluated on: a GLUE
+    task's dev/test TSVs under finetune.glue_dir (with MNLI, the diagnostic set's too), a custom task's dev and
+    test files. A GLUE file absent from the local copy (test sets often are) is left out with a warning, and so is
+    a task read from the hub (no glue_dir)."""
+    custom = {c.name: c for c in cfg.finetune.custom_tasks}
+    entries: list[EvalFileConfig] = []
+    for name in cfg.finetune.tasks:
+        if name in custom:
+            entries += _custom_eval_files(custom[name])
+            continue
+        task = get_task(name)
+        if cfg.finetune.glue_dir is None:
+            log.warning("decontamination: %s is read from the hub (finetune.glue_dir is unset): its dev and test "
+                        "text is not checked", task.name)
+            continue
+        for t in [task] + [t for t in GLUE_TASKS.values() if t.predict_with == task.name]:
+            for files, columns in ((t.dev, t.labelled), (t.test, t.unlabelled)):
+                for file in files.values():
+                    path = _glue_file(cfg.finetune.glue_dir, t, file)
+                    if path is None:
+                        log.warning("decontamination: no %s file %s under %s; its text is not checked", t.name,
+                                    file, cfg.finetune.glue_dir)
+                        continue
+                    entries.append(EvalFileConfig(
+                        task=t.name, split=Path(file).stem, path=str(path), format="glue-tsv", header=columns.header,
+                        text_columns=[c for c in (columns.text_a, columns.text_b) if c is not None]))
+    return entries
+
+
+def _glue_file(glue_dir: str, task: TaskSpec, file: str) -> Path | None:
+    candidates = [Path(glue_dir) / folder / file for folder in (task.folder or task.name, *task.alt_folders)]
+    return next((p for p in candidates if p.is_file()), None)
+
+
+_SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
+                   ".ndjson": "jsonl"}
+
+
+def _custom_eval_files(c: CustomTaskConfig) -> list[EvalFileConfig]:
+    """A custom task's dev and test files, read as the task reads them (format `auto` by kind and suffix)."""
+    fmt: str | None = c.format
+    if fmt == "auto":
+        suffix = Path(c.train).suffix.lower()
+        fmt = {"question_answering": "squad",
+               "token_classification": "jsonl" if suffix in (".jsonl", ".json", ".ndjson") else "conll",
+               }.get(c.kind, _SUFFIX_FORMATS.get(suffix))
+    if fmt is None:
+        raise ConfigError(f"custom task {c.name}: cannot tell the format of {c.train} from its suffix; set format")
+    columns: list[int | str] = {"squad": [], "conll": [c.token_column]}.get(fmt, [])
+    if fmt in ("csv", "tsv", "jsonl"):
+        columns = [c.tokens] if c.kind == "token_classification" else [x for x in (c.text_a, c.text_b) if x]
+    return [EvalFileConfig(task=c.name, split=split, path=path, format=fmt, text_columns=columns)
+            for split, path in (("dev", c.dev), ("test", c.test)) if path]
+
+
+def eval_files_fingerprint(cfg: PipelineConfig) -> list[dict] | None:
+    """The sha256 of each decontamination eval file's content (None while decontamination is off): an edited dev
+    or test file re-runs the corpus stage; a touched but unchanged one does not. An absent file is named (the
+    stage itself stops on it)."""
+    d = cfg.corpus.decontamination
+    if not (d.enabled and d.eval_files):
+        return None
+    return [{"path": e.path, "sha256": _content_sha256(e.path)} for e in d.eval_files]
+
+
+def _content_sha256(path: str) -> str | None:
+    digest = hashlib.sha256()
+    if not is_uri(path):
+        if not Path(path).is_file():
+            return None
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except Exception:  # noqa: BLE001 - an unreadable eval file is reported by the corpus stage itself
+        return None
+    return digest.hexdigest()
+
+
+def is_registry_alias(ref: str | None) -> bool:
+    """Whether `ref` is `models:/name@alias`, a name that may point at another version tomorrow."""
+    return bool(ref) and ref.startswith("models:/") and "@" in ref
+
+
+def pin_init_from(cfg: PipelineConfig) -> PipelineConfig:
+    """`cfg` with a registry alias in `train.init_from` replaced by the version it names now, read from the
+    registry `cfg` points at (`models:/enc@champion` -> `models:/enc/7`). Fingerprint and train with the pinned
+    config, so that the stage's key and its weights name the same version even if the alias moves meanwhile."""
+    ref = cfg.train.init_from
+    if not is_registry_alias(ref):
+        return cfg
+    tracking.configure(cfg)
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"init_from": tracking.alias_version(ref)})})
+
+
+def _init_from_fingerprint(ref: str) -> str:
+    if is_registry_alias(ref):
+        # Hashing the alias itself would keep reusing a model trained from whatever it named back then.
+        raise ValueError(f"train.init_from={ref} is an alias: fingerprint a config pinned by pin_init_from")
+    if ref.startswith("models:/"):
+        return ref
+    return input_fingerprint([ref])
+
+
 def stage_fingerprint(cfg: PipelineConfig, stage: str, upstream: list[str], extra: Any = None) -> str:
-    """Fingerprint of a stage's output: upstream fingerprints + its config sections + its code version."""
+    """Fingerprint of a stage's output: upstream fingerprints + its config sections + its code version (+ for
+    training, the weights it starts from; for the corpus, the content of its decontamination eval files)."""
     data = dump_config(cfg)
     payload = {
         "stage": stage,
@@ -121,6 +244,10 @@ def stage_fingerprint(cfg: PipelineConfig, stage: str, upstream: list[str], extr
         "code": [code_version(pkg) for pkg in STAGE_CODE[stage]],
         "extra": extra,
     }
+    if stage == "train" and cfg.train.init_from:
+        payload["init_from"] = _init_from_fingerprint(cfg.train.init_from)
+    if stage == "corpus" and (eval_files := eval_files_fingerprint(cfg)) is not None:
+        payload["eval_files"] = eval_files
     return _sha256(payload)
 
 

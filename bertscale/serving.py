@@ -4,12 +4,19 @@ on what the pipeline registers.
 
 The HF-format directory (weights, config.json, tokenizer files, and for fine-tuned models the task record
 `bertscale_finetune.json`) is the model's one artifact, and the `bertscale` package travels with it as code, so
-the model loads where bertscale is not installed (with torch, tokenizers, safetensors, pandas and MLflow).
+the model loads where bertscale is not installed (with torch, tokenizers, safetensors, numpy, scipy, pandas and
+MLflow: the tagger and question answering models decode with the fine-tuning package's own functions).
 
 What `predict` takes and returns (a pandas DataFrame in, a DataFrame out):
 - a fine-tuned classifier: columns `text` (and `text_pair` for sentence-pair tasks) -> `label` (the class
   name) and `score` (its softmax probability); a regressor -> `score` (the predicted value). The same numbers as
   the fine-tuning run's own predictions in fp32.
+- a tagger (token classification, e.g. NER): `text`, split into words at whitespace -> `tags` (one per word) and
+  `entities` (`entity` type, `start_word`, `end_word` inclusive, `text`), decoded as seqeval does; long texts
+  go through the same overlapping windows as fine-tuning.
+- a question answering model: `question` and `context` -> `answer` (a span of the context; "" when a SQuAD 2.0
+  model's null odds exceed the threshold tuned on dev) and `score` (the answer's start + end logit minus the
+  no-answer score: positive when the model prefers the answer to no answer).
 - the pretrained encoder: `text` -> fill-mask predictions (the default: every `[MASK]` in the text, with its
   `top_k` tokens and probabilities, and the text with each mask filled by its best token), or with
   `params={"output": "embedding"}` the mean of the last hidden states over the tokens. Fill-mask is the default
@@ -37,11 +44,20 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import Array, Object, Property
 from tokenizers import Tokenizer
 
 from bertscale.errors import BertscaleError
+from bertscale.finetune import ner, qa
+from bertscale.finetune.squad import SquadSet, decode, make_features
+from bertscale.finetune.tasks import QaOptions
 from bertscale.resources import resource
-from bertscale.model.bert import BertForPreTraining, BertForSequenceClassification
+from bertscale.model.bert import (
+    BertForPreTraining,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+)
 from bertscale.model.hf import FINETUNE_FILE, is_hf_dir, load_pretrained, read_config
 
 log = logging.getLogger(__name__)
@@ -51,16 +67,19 @@ TOKENIZER, SPECIALS = "tokenizer.json", "special_tokens_map.json"
 BATCH_SIZE = 32
 FILL_MASK, EMBEDDING = "fill-mask", "embedding"
 # What the model needs at load time (the bertscale package itself is logged as code).
-REQUIREMENTS = ("torch", "tokenizers", "safetensors", "numpy", "pandas", "pyarrow", "pydantic", "pyyaml", "tqdm",
-                "mlflow")
+REQUIREMENTS = ("torch", "tokenizers", "safetensors", "numpy", "scipy", "pandas", "pyarrow", "pydantic", "pyyaml",
+                "tqdm", "mlflow")
+TAGGER, READER = "tagger", "question-answering"
+_KINDS = {"regression": "regressor", "token_classification": TAGGER, "question_answering": READER}
 
 
 def model_kind(hf_dir: Path) -> str:
-    """`classifier`, `regressor` or `encoder`, from the dir's fine-tuning record (none: a pretrained encoder)."""
+    """`classifier`, `regressor`, `tagger`, `question-answering` or `encoder`, from the dir's fine-tuning record
+    (none: a pretrained encoder)."""
     task = task_record(hf_dir)
     if task is None:
         return "encoder"
-    return "regressor" if task["kind"] == "regression" else "classifier"
+    return _KINDS.get(task["kind"], "classifier")
 
 
 def special_token(hf_dir: Path, key: str) -> str:
@@ -73,9 +92,9 @@ def special_token(hf_dir: Path, key: str) -> str:
 
 
 def special_tokens(hf_dir: Path, tokenizer: Tokenizer) -> tuple[str, dict[str, int]]:
-    """The mask token's text, and the ids of pad and mask in the tokenizer's vocabulary."""
+    """The mask token's text, and the ids of pad, mask, cls, sep and unk in the tokenizer's vocabulary."""
     ids: dict[str, int] = {}
-    for key in ("pad", "mask"):
+    for key in ("pad", "mask", "cls", "sep", "unk"):
         token_id = tokenizer.token_to_id(special_token(hf_dir, key))
         if token_id is None:
             raise BertscaleError(f"{hf_dir}: the {key} token {special_token(hf_dir, key)!r} is not in the vocabulary")
@@ -105,10 +124,16 @@ class BertscaleModel(mlflow.pyfunc.PythonModel):
         self.mask_token, self.ids = special_tokens(hf_dir, self.tokenizer)
         max_length = int((self.task or {}).get("hparams", {}).get("max_length")
                          or read_config(hf_dir).get("max_position_embeddings", 512))
-        self.tokenizer.enable_truncation(max_length, strategy="longest_first")
         self.tokenizer.no_padding()
+        if self.kind not in (TAGGER, READER):  # those cut long inputs into windows instead
+            self.tokenizer.enable_truncation(max_length, strategy="longest_first")
+        self.max_length = max_length
         if self.task is None:
             self.model, _ = load_pretrained(hf_dir, BertForPreTraining)
+        elif self.kind == TAGGER:
+            self.model, _ = load_pretrained(hf_dir, BertForTokenClassification, num_labels=len(self.task["labels"]))
+        elif self.kind == READER:
+            self.model, _ = load_pretrained(hf_dir, BertForQuestionAnswering)
         else:
             labels = self.task.get("labels") or []
             self.model, _ = load_pretrained(hf_dir, BertForSequenceClassification, num_labels=len(labels) or 1)
@@ -119,6 +144,10 @@ class BertscaleModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None) -> pd.DataFrame:  # noqa: ANN001
         frame = as_frame(model_input)
         params = params or {}
+        if self.kind == TAGGER:
+            return self._tag(frame)
+        if self.kind == READER:
+            return self._answer(frame)
         if self.task is not None:
             return self._classify(frame)
         output = params.get("output", FILL_MASK)
@@ -167,6 +196,39 @@ class BertscaleModel(mlflow.pyfunc.PythonModel):
         best = logits.argmax(-1)
         labels = [self.task["labels"][i] for i in best]
         return pd.DataFrame({"label": labels, "score": probs[np.arange(len(best)), best].astype(np.float64)})
+
+    def _tag(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Tags and entities per row, through fine-tuning's own windows and decoding (fp32)."""
+        words = [t.split() for t in _texts(frame, "text")]
+        labels = list(self.task["labels"])
+        data = ner.encode_sentences("serve", [str(i) for i in range(len(words))], words, None, self.tokenizer,
+                                    self.ids, self.max_length, self.task.get("doc_stride"), {})
+        tags = ner.tags_from_logits(data, ner.window_logits(self.model, data, self.ids["pad"], "fp32", BATCH_SIZE),
+                                    labels)
+        return pd.DataFrame({"entities": [ner.entities(w, t) for w, t in zip(words, tags)], "tags": tags})
+
+    def _answer(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """The best span per row, decoded as fine-tuning decodes dev and test questions (fp32)."""
+        questions, contexts = _texts(frame, "question"), _texts(frame, "context")
+        empty = [i for i, (q, c) in enumerate(zip(questions, contexts)) if not q.strip() or not c.strip()]
+        if empty:
+            raise _bad(f"rows {empty[:10]} have an empty question or context; both are needed to find an answer")
+        opt = QaOptions(self.task.get("squad_version", "1.1"), self.task.get("doc_stride"),
+                        int(self.task.get("max_query_length", 64)), int(self.task.get("max_answer_length", 30)),
+                        int(self.task.get("n_best_size", 20)))
+        version = "2.0" if self.task.get("squad_version") == "2.0" else "1.1"
+        examples = SquadSet(Path("<request>"), version, [qa.example(q, c, str(i)) for i, (q, c)
+                                                         in enumerate(zip(questions, contexts))])
+        features = make_features(examples.examples, self.tokenizer, self.max_length,
+                                 qa.doc_stride(opt, self.max_length), opt.max_query_length)
+        data = qa.QaSplit("serve", examples, features)
+        starts, ends = qa.span_logits(self.model, data, self.ids["pad"], "fp32", BATCH_SIZE)
+        threshold = float(self.task.get("null_threshold") or 0.0) if version == "2.0" else None
+        answers, null_odds = decode(examples, features, starts, ends, opt.n_best_size, opt.max_answer_length,
+                                    threshold=threshold, version=version)
+        ids = [str(i) for i in range(len(questions))]
+        return pd.DataFrame({"answer": [answers[i] for i in ids],
+                             "score": [-float(null_odds[i]) for i in ids]})
 
     @torch.no_grad()
     def _embed(self, frame: pd.DataFrame) -> pd.DataFrame:
@@ -243,6 +305,17 @@ def signature_and_example(hf_dir: Path) -> tuple[ModelSignature, pd.DataFrame]:
         params = ParamSchema([ParamSpec("output", "string", FILL_MASK), ParamSpec("top_k", "long", 5)])
         return ModelSignature(Schema([ColSpec("string", "text")]), params=params), example
     task = task_record(hf_dir) or {}
+    if kind == TAGGER:
+        entity = Object([Property("entity", "string"), Property("start_word", "long"), Property("end_word", "long"),
+                         Property("text", "string")])
+        return (ModelSignature(Schema([ColSpec("string", "text")]),
+                               Schema([ColSpec(Array(entity), "entities"), ColSpec(Array("string"), "tags")])),
+                pd.DataFrame({"text": ["Peter Blackburn visited Brussels ."]}))
+    if kind == READER:
+        return (ModelSignature(Schema([ColSpec("string", "question"), ColSpec("string", "context")]),
+                               Schema([ColSpec("string", "answer"), ColSpec("double", "score")])),
+                pd.DataFrame({"question": ["Who visited Brussels?"],
+                              "context": ["Peter Blackburn visited Brussels in August."]}))
     columns = [ColSpec("string", "text")]
     example = {"text": ["A short example sentence."]}
     if task.get("pair"):

@@ -1,4 +1,5 @@
-"""Prefect flow for fine-tuning: GLUE (and custom) tasks, fanned out as Prefect tasks over tasks, tracked in MLflow."""
+"""Prefect flow for fine-tuning: GLUE and custom tasks of every kind (classification, regression, NER, question
+answering), fanned out as Prefect tasks over tasks, tracked in MLflow."""
 
 from __future__ import annotations
 

@@ -7,18 +7,26 @@ the stage's config sections and its code. Prefect caches each stage on that key,
 the cache up, so a re-run skips finished stages; a changed config re-runs that stage and everything after it; a
 failed stage leaves no marker and is never reused. After training, the encoder is registered as `<name>-encoder`
 and gated, once per training fingerprint; fine-tuning registers and gates each task's model.
+
+A run holds the workdir's lock (`bertscale.workdir_lock`) from start to end, so two runs never write the same
+stage directory: a second run waits, or with `if_busy="skip"` (what schedules use) ends Cancelled at once,
+saying who holds the workdir. `train.init_from=models:/name@alias` is pinned to the alias's current version once
+the lock is held, so the train stage re-runs when the alias has moved since it last ran, and only then.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
+from prefect.exceptions import MissingContextError
+from prefect.states import Cancelled, State
 
-from bertscale import lineage, tracking
+from bertscale import lineage, tracking, workdir_lock
 from bertscale.config import PipelineConfig
 from bertscale.errors import ConfigError
 from pipelines import runtime
@@ -86,10 +94,40 @@ def _submit(cfg: PipelineConfig, stage: str, upstream: list[str], kwargs: dict[s
     return {**result, "reused": not refresh}
 
 
-def run_pipeline(cfg: PipelineConfig, until: str = "finetune") -> dict[str, dict]:
-    """Run the chain up to and including `until` inside a parent MLflow run; returns each stage's result."""
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    # The flow run's logger, so that the line shows in Prefect's UI; the module's outside a flow run.
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
+
+
+def _run_name() -> str:
+    tags = runtime.prefect_tags()
+    if "prefect.flow_run_name" in tags:
+        return f"flow run {tags['prefect.flow_run_name']!r} ({tags['prefect.flow_run_id']})"
+    return f"pipeline pid {os.getpid()}"
+
+
+def run_pipeline(cfg: PipelineConfig, until: str = "finetune", wait_s: float | None = None) -> dict[str, dict]:
+    """Run the chain up to and including `until` inside a parent MLflow run; returns each stage's result.
+
+    Holds the workdir's lock throughout; if another run holds it, waits `wait_s` seconds for it (None: until it
+    ends), then raises `WorkdirBusy`."""
     if until not in STAGES:
         raise ConfigError(f"unknown stage {until!r}: choose one of {', '.join(STAGES)}")
+    with workdir_lock.hold(cfg.workdir, wait_s=wait_s, by=_run_name(), on_wait=_logger().info):
+        alias = cfg.train.init_from
+        if STAGES.index(until) >= STAGES.index("train") and lineage.is_registry_alias(alias):
+            cfg = lineage.pin_init_from(cfg)
+            _logger().info("train.init_from=%s is %s now", alias, cfg.train.init_from)
+        # The fine-tuning tasks' dev/test text is kept out of the corpus; the corpus fingerprint covers those files.
+        from pipelines.corpus import with_task_eval_files
+
+        return _run_chain(with_task_eval_files(cfg), until)
+
+
+def _run_chain(cfg: PipelineConfig, until: str) -> dict[str, dict]:
     wanted = STAGES[: STAGES.index(until) + 1]
     results: dict[str, dict] = {}
     with tracking.stage_run(cfg, "pipeline", tags={**runtime.prefect_tags(), "bertscale.pipeline": cfg.name}) as parent:
@@ -156,11 +194,19 @@ def print_where_to_look(cfg: PipelineConfig, results: dict[str, dict]) -> None:
 
 
 @flow(name="bertscale-pipeline", log_prints=True)
-def pipeline_flow(config: str | None = None, overrides: list[str] | None = None,
-                  until: str = "finetune") -> dict[str, dict]:
-    """Corpus -> tokenizer -> pretraining data -> pretraining -> fine-tuning, cached per stage fingerprint."""
+def pipeline_flow(config: str | None = None, overrides: list[str] | None = None, until: str = "finetune",
+                  if_busy: Literal["wait", "skip"] = "wait") -> dict[str, dict] | State:
+    """Corpus -> tokenizer -> pretraining data -> pretraining -> fine-tuning, cached per stage fingerprint.
+
+    `if_busy`: when another run holds the workdir, wait for it to end, or skip this run (it ends Cancelled with
+    a message naming the holder; a schedule's next firing picks up whatever changed)."""
     cfg = runtime.load(config, overrides)
-    return run_pipeline(cfg, until)
+    try:
+        return run_pipeline(cfg, until, wait_s=None if if_busy == "wait" else 0)
+    except workdir_lock.WorkdirBusy as e:
+        message = f"skipped: {e}"
+        _logger().warning(message)
+        return Cancelled(message=message)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ _POLY_INV = np.uint64(pow(0x100000001B3, -1, 2**64))
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)  # splitmix64 finalizer
 
 
-def _splitmix(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """A bijective 64-bit mix (the splitmix64 finalizer), element-wise: spreads structured hashes over all bits."""
     x = x ^ (x >> np.uint64(30))
     x = x * _M1
     x = x ^ (x >> np.uint64(27))
@@ -122,7 +123,7 @@ class MinHasher:
             return np.zeros((0, self.num_perm), dtype=np.uint32)
         shingles, doc = self._shingles(*self._words(texts), len(texts))
         with np.errstate(over="ignore"):
-            h = _splitmix(shingles ^ self._salt)
+            h = splitmix64(shingles ^ self._salt)
         cell = doc * self.num_perm + ((h >> np.uint64(32)) % np.uint64(self.num_perm)).astype(np.int64)
         sig = np.full(len(texts) * self.num_perm, np.iinfo(np.uint32).max, dtype=np.uint32)
         np.minimum.at(sig, cell, (h & np.uint64(0xFFFFFFFF)).astype(np.uint32))
@@ -162,7 +163,7 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     return best
 
 
-_BAND_MIX = _splitmix(np.arange(1, 1025, dtype=np.uint64)) | np.uint64(1)  # fixed odd multipliers per row
+_BAND_MIX = splitmix64(np.arange(1, 1025, dtype=np.uint64)) | np.uint64(1)  # fixed odd multipliers per row
 
 
 def band_key_matrix(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
@@ -171,7 +172,7 @@ def band_key_matrix(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray
     block = signatures[:, :bands * rows].astype(np.uint64).reshape(len(signatures), bands, rows)
     with np.errstate(over="ignore"):
         combined = (block * _BAND_MIX[:rows]).sum(axis=2) + np.arange(bands, dtype=np.uint64) * _M2
-        return _splitmix(combined)
+        return splitmix64(combined)
 
 
 def band_keys(signature: np.ndarray, bands: int, rows: int) -> list[int]:

@@ -15,7 +15,9 @@ from bertscale.errors import InputError
 from bertscale.tracking import StageRecord
 
 BASE_COUNTS = ("read", "passed", "kept", "filtered", "duplicates", "exact_duplicates", "near_duplicates",
-               "quarantined", "utf8_repaired_docs", "invalid_utf8_bytes", "unparsed_lines", "unterminated_docs")
+               "quarantined", "decontaminated", "decontaminated_edited", "decontaminated_passages",
+               "utf8_repaired_docs", "invalid_utf8_bytes", "unparsed_lines", "unterminated_docs")
+_TASK, _SPLIT = "decontaminated_task_", "decontaminated_split_"
 
 
 @dataclass
@@ -32,12 +34,17 @@ class CorpusResult:
     def summary(self) -> str:
         c = self.counts
         rules = ", ".join(f"{r}={c[f'filtered_{r}']}" for r in RULE_NAMES if c.get(f"filtered_{r}"))
+        tasks = ", ".join(f"{k.removeprefix(_TASK)}={v}" for k, v in sorted(c.items()) if k.startswith(_TASK) and v)
+        decontaminated = [] if not self.manifest.get("decontamination", {}).get("active") else [
+            f"  decontaminated {c['decontaminated']}, edited {c['decontaminated_edited']} "
+            f"({c['decontaminated_passages']} passages removed){f'; documents per task: {tasks}' if tasks else ''}"]
         return "\n".join([
             f"corpus: read {c['read']} documents from {c['files']} files ({c['input_bytes'] / 2**20:.1f} MiB)",
             f"  kept {c['kept']} ({c['sentences']} sentences), filtered {c['filtered']}"
             + (f" ({rules})" if rules else ""),
             f"  duplicates {c['duplicates']} (exact {c['exact_duplicates']}, near {c['near_duplicates']}), "
             f"quarantined {c['quarantined']}",
+            *decontaminated,
             f"  {c['shards']} shard(s), {c['output_text_bytes'] / 2**20:.1f} MiB of text -> {self.output_dir}",
         ])
 
@@ -49,8 +56,8 @@ class CorpusResult:
         if is_uri(str(self.output_dir)):
             rec.tags["bertscale.corpus_output"] = str(self.output_dir)
         else:
-            quarantine = Path(self.output_dir) / "quarantine.jsonl"
-            rec.artifacts = [(Path(self.manifest_path), None)] + ([(quarantine, None)] if quarantine.exists() else [])
+            extra = [Path(self.output_dir) / name for name in ("quarantine.jsonl", "decontamination.jsonl")]
+            rec.artifacts = [(Path(self.manifest_path), None)] + [(f, None) for f in extra if f.exists()]
         return rec
 
 
@@ -74,27 +81,46 @@ def nothing_kept(counts: dict[str, int], out_dir: str) -> InputError:
         parts.append(f"quarantined: {counts['quarantined']} (e.g. {_first_quarantine_reason(out_dir)})")
     if counts.get("duplicates"):
         parts.append(f"duplicates: {counts['duplicates']}")
+    if counts.get("decontaminated"):
+        parts.append(f"decontaminated: {counts['decontaminated']} (see decontamination.jsonl)")
     return InputError(f"no documents survived the corpus stage (read {counts.get('read', 0)}; dropped by "
                       f"{', '.join(parts) or 'nothing'}){hint}")
 
 
 def check_invariant(counts: dict[str, int]) -> None:
-    """read = kept + filtered + duplicates + quarantined: a document lost or counted twice is a bug."""
-    accounted = counts["kept"] + counts["filtered"] + counts["duplicates"] + counts["quarantined"]
-    if counts["read"] != accounted:
-        raise RuntimeError(f"corpus invariant violated: read {counts['read']} != kept {counts['kept']} + filtered "
-                           f"{counts['filtered']} + duplicates {counts['duplicates']} + quarantined "
-                           f"{counts['quarantined']}")
+    """read = kept + filtered + duplicates + quarantined + decontaminated: a document lost or counted twice is a
+    bug."""
+    parts = ("kept", "filtered", "duplicates", "quarantined", "decontaminated")
+    if counts["read"] != sum(counts[p] for p in parts):
+        raise RuntimeError(f"corpus invariant violated: read {counts['read']} != "
+                           + " + ".join(f"{p} {counts[p]}" for p in parts))
 
 
-def build_manifest(cfg: CorpusConfig, summary: dict, out_dir: str, n_files: int,
-                   input_bytes: int) -> tuple[dict, dict[str, int]]:
-    """The manifest and the full counts from the pipeline's summary; raises when nothing was kept."""
+def decontamination_section(cfg: CorpusConfig, counts: dict[str, int], index: dict | None) -> dict:
+    """The manifest's account of decontamination: settings, the eval files read and the index built from them,
+    and the documents that matched per task and split (moved out of the flat counts)."""
+    d = cfg.decontamination
+    tasks = sorted({e.task for e in d.eval_files}) if index is not None else []
+    for task in tasks:
+        counts.setdefault(f"{_TASK}{task}", 0)  # a task without matches is counted 0, not missing
+    documents: dict[str, dict[str, int]] = {}
+    for key in sorted(k for k in counts if k.startswith(_SPLIT)):
+        task, _, split = key.removeprefix(_SPLIT).rpartition("/")
+        documents.setdefault(task, {})[split] = counts.pop(key)
+    return {"active": index is not None, "ngram": d.ngram, "mode": d.mode, **(index or {}),
+            "documents": documents, "report": "decontamination.jsonl"}
+
+
+def build_manifest(cfg: CorpusConfig, summary: dict, out_dir: str, n_files: int, input_bytes: int,
+                   decontamination: dict | None = None) -> tuple[dict, dict[str, int]]:
+    """The manifest and the full counts from the pipeline's summary; raises when nothing was kept.
+    `decontamination` is what the launcher's eval index holds (None when decontamination is off)."""
     counts = {k: int(v) for k, v in summary["counts"].items()}
     unconverged = counts.pop("unconverged_edges", 0)
     shards = summary["shards"]
     for name in (*BASE_COUNTS, *(f"filtered_{rule}" for rule in RULE_NAMES)):
         counts.setdefault(name, 0)  # every key always present, so metrics line up across runs
+    decontaminated = decontamination_section(cfg, counts, decontamination)
     counts["duplicates"] = counts["exact_duplicates"] + counts["near_duplicates"]
     counts["kept"] = sum(s["rows"] for s in shards)
     if counts["kept"] == 0:
@@ -115,6 +141,7 @@ def build_manifest(cfg: CorpusConfig, summary: dict, out_dir: str, n_files: int,
         "lsh": {"bands": bands, "rows": rows},
         "near_dedup": {"buckets": summary["plan"]["buckets"], "cluster_rounds": cfg.dedup.cluster_rounds,
                        "unconverged_edges": unconverged},
+        "decontamination": decontaminated,
     }
     return manifest, counts
 

@@ -23,6 +23,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from bertscale.config import is_uri
+from bertscale.corpus.readers import doc_sort_key
 
 SHARD_SCHEMA = pa.schema([
     ("doc_id", pa.string()),
@@ -246,6 +247,17 @@ def write_quarantine(path: str, records: list[dict]) -> None:
     records = sorted(records, key=lambda r: (r["file"], r["position"], r["reason"]))
     lines = [json.dumps({"file": r["file"], "position": r["position"], "reason": r["reason"]}, ensure_ascii=False)
              for r in records]
+    write_bytes(path, ("\n".join(lines) + "\n" if lines else "").encode("utf-8"))
+
+
+REPORT_FIELDS = ("doc_id", "source", "task", "split", "ngram", "action", "passages")
+
+
+def write_decontamination_report(path: str, records: list[dict]) -> None:
+    """One JSON object per (document, task, split) of a document that matched an eval set, in document order:
+    the first matching n-gram, and whether the document went or lost `passages` sentences."""
+    records = sorted(records, key=lambda r: (*doc_sort_key(r["doc_id"]), r["task"], r["split"]))
+    lines = [json.dumps({k: r[k] for k in REPORT_FIELDS}, ensure_ascii=False) for r in records]
     write_bytes(path, ("\n".join(lines) + "\n" if lines else "").encode("utf-8"))
 
 

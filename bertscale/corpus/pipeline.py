@@ -4,15 +4,16 @@ Everything that touches text runs in transforms; only small aggregates reach the
 shard names, sizes and checksums, input fingerprints), from which it writes `manifest.json`. Shape of the graph
 (document text never crosses a shuffle; documents travel as int references `unit << 32 | row`, see `units.py`):
 
-    units -GBK-> Process: read, clean, filter, MinHash, split; per unit a spill parquet and two key files sorted
-                 by bucket; (key file spans, counts, quarantine)
+    units -GBK-> Process: read, clean, filter, decontaminate, MinHash, split; per unit a spill parquet and two
+                 key files sorted by bucket; (key file spans, counts, quarantine, decontamination report)
       exact key spans -GBK(bucket)-> read spans -> exact drops -----------+
       band key spans  -GBK(bucket)-> read spans -> candidate pairs        |
                  -GBK(unit pair)-> verify (signatures read from the two   |
                  spills) -> edges -CoGBK(unit)x2-> minus exact drops ->   |
                  connected components -> near drops -------------------- +-> drops per unit -> kept rows + sizes
       kept sizes -> prefix offsets (joined per unit) -> shard slot per doc -CoGBK(slot, rank)-> WriteShard
-      counts, drops, shard infos, fingerprints -GBK(one key)-> summary.json; quarantine -GBK-> quarantine.jsonl
+      counts, drops, shard infos, fingerprints -GBK(one key)-> summary.json; quarantine -GBK-> quarantine.jsonl;
+      decontamination report -GBK-> decontamination.jsonl
 
 Near-duplicate clusters are connected components of the verified candidate graph, found by min-label
 propagation: every node starts with the smallest id among itself and its neighbours, and each round (one
@@ -25,7 +26,8 @@ This uses only GroupByKey/CoGroupByKey/CombinePerKey (no state, timers or metric
 including Dask, and the result is exact whatever the number of rounds. Side inputs are avoided altogether: Beam's
 DaskRunner evaluates a side input by recomputing its whole lineage inside the consuming task, which here would
 re-run the corpus processing; small joins on a key do the same work once. Each cluster keeps its
-smallest reference: the first copy in document order.
+smallest reference: the first copy in document order. For the same reason the decontamination index (the eval
+sets' n-grams, `decontaminate.py`) is built by the launcher and read by the workers from the work directory.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from bertscale.config import CorpusConfig, PipelineConfig, is_uri
+from bertscale.corpus.decontaminate import build_index, index_dir, is_active
 from bertscale.corpus.dedup import (
     candidates_in_bucket,
     estimated_jaccard,
@@ -70,6 +73,7 @@ from bertscale.corpus.output import (
     read_spill_rows,
     write_json,
     write_json_atomic,
+    write_decontamination_report,
     write_quarantine,
     write_shard,
 )
@@ -101,6 +105,7 @@ class StagePlan:
     work_dir: str
     out_dir: str
     buckets: int
+    decontamination: dict | None = None  # the eval index's size and what was read from each eval file
 
 
 def dedup_buckets(input_bytes: int) -> int:
@@ -296,6 +301,11 @@ def _write_quarantine(element: tuple[int, Iterable[list[dict]]], path: str) -> s
     return path
 
 
+def _write_report(element: tuple[int, Iterable[list[dict]]], path: str) -> str:
+    write_decontamination_report(path, [record for batch in element[1] for record in batch])
+    return path
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The graph
 # ------------------------------------------------------------------------------------------------------------
@@ -411,9 +421,13 @@ def build_graph(p, plan: StagePlan, cfg: CorpusConfig) -> None:
                   results | "Quarantine" >> beam.Map(lambda r: r.quarantine)) | "AllQuarantine" >> beam.Flatten()
     quarantined = (gather(quarantine, "Quarantine")
                    | "WriteQuarantine" >> beam.Map(_write_quarantine, join(plan.out_dir, "quarantine.jsonl")))
+    report = (p | "NoReport" >> beam.Create([[]]),
+              results | "UnitReport" >> beam.Map(lambda r: r.decontaminated)) | "AllReport" >> beam.Flatten()
+    reported = (gather(report, "Report")
+                | "WriteReport" >> beam.Map(_write_report, join(plan.out_dir, "decontamination.jsonl")))
     # One last transform downstream of every output: Beam's DaskRunner computes only the last transform's
     # lineage, so a second sink left dangling would silently never run there.
-    (summary, quarantined) | "Outputs" >> beam.Flatten() | "Done" >> beam.Map(lambda _: None)
+    (summary, quarantined, reported) | "Outputs" >> beam.Flatten() | "Done" >> beam.Map(lambda _: None)
 
 
 def _unit_size(unit: WorkUnit) -> int:
@@ -452,12 +466,25 @@ def _prepare(cfg: PipelineConfig) -> StagePlan:
     units = plan_units(files, cfg.corpus)
     out_dir = cfg.stage_location("corpus")  # a URI stays a string: Path("gs://b") would be "gs:/b"
     work_dir = cfg.corpus.work_dir or join(out_dir, "_work")
+    decontamination = _prepare_decontamination(cfg.corpus, work_dir)  # a bad eval file stops the run here
     # A manifest means a complete output: a run that fails from here on must not leave the previous one behind.
     delete_matching(join(out_dir, "manifest.json"))
     delete_matching(join(out_dir, "shards", "part-*.parquet"))
     delete_matching(join(work_dir, "units", "unit-*"))
     delete_matching(join(work_dir, "summary.json"))
-    return StagePlan(units, files, work_dir, out_dir, dedup_buckets(sum(f.size for f in files)))
+    return StagePlan(units, files, work_dir, out_dir, dedup_buckets(sum(f.size for f in files)), decontamination)
+
+
+def _prepare_decontamination(cfg: CorpusConfig, work_dir: str) -> dict | None:
+    """Build the eval n-gram index and write it where the workers read it; what it holds, for the manifest."""
+    if not is_active(cfg.decontamination):
+        return None
+    start = time.perf_counter()
+    index, stats = build_index(cfg.decontamination)
+    index.save(index_dir(work_dir))
+    log.info("corpus: decontamination index of %s %d-grams from %d eval file(s) in %.1f s", f"{len(index):,}",
+             index.ngram, len(stats), time.perf_counter() - start)
+    return {"index_ngrams": len(index), "eval_files": [s.as_dict() for s in stats]}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -552,7 +579,7 @@ def _run(cfg: PipelineConfig, engine) -> CorpusResult:
         engine(cfg.corpus, plan)
     summary = read_json(join(plan.work_dir, "summary.json"))
     manifest, counts = build_manifest(cfg.corpus, summary, plan.out_dir, len(plan.files),
-                                      sum(f.size for f in plan.files))
+                                      sum(f.size for f in plan.files), plan.decontamination)
     write_json_atomic(join(plan.out_dir, "manifest.json"), manifest)
     if not cfg.corpus.work_dir:
         delete_tree(plan.work_dir)

@@ -105,10 +105,14 @@ def _merge_short(sentences: list[str], min_chars: int) -> list[str]:
     return merged
 
 
+def sentence_tree(text: str) -> list[list[list[str]]]:
+    """The sentences of a cleaned document grouped by paragraph (blank-line separated) and block (a line, or
+    hard-wrapped lines re-joined): what `split_sentences` flattens, kept so a document can be rebuilt without
+    some of its sentences."""
+    return [[split_block(block) for block in _blocks(paragraph)] for paragraph in text.split("\n\n")]
+
+
 def split_sentences(text: str, min_chars: int = 1) -> list[str]:
     """Split a cleaned document into sentences; paragraphs and sentences keep their order."""
-    sentences: list[str] = []
-    for paragraph in text.split("\n\n"):
-        for block in _blocks(paragraph):
-            sentences.extend(split_block(block))
+    sentences = [s for paragraph in sentence_tree(text) for block in paragraph for s in block]
     return _merge_short(sentences, min_chars)

@@ -18,10 +18,11 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from bertscale.config import CorpusConfig
-from bertscale.corpus.cleaning import clean_text
 import numpy as np
 
+from bertscale.config import CorpusConfig
+from bertscale.corpus.cleaning import clean_text
+from bertscale.corpus.decontaminate import Contamination, load_decontaminator
 from bertscale.corpus.dedup import (
     BAND_RECORD,
     EXACT_RECORD,
@@ -84,7 +85,8 @@ def read_keys(work_dir: str, kind: str, slices: Iterable[tuple[int, int, int]]) 
 
 @dataclass
 class UnitResult:
-    """What a processed unit sends on: dedup keys with document references, counts, quarantine records."""
+    """What a processed unit sends on: dedup keys with document references, counts, quarantine records and
+    decontamination report records."""
 
     index: int
     rows: int = 0  # documents in the unit's spill file
@@ -92,6 +94,7 @@ class UnitResult:
     bands: list[Span] = field(default_factory=list)  # spans of the unit's LSH band-key file
     counts: dict[str, int] = field(default_factory=dict)
     quarantine: list[dict] = field(default_factory=list)
+    decontaminated: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -99,10 +102,11 @@ class _Passed:
     """A document that passed the rules, waiting for its batch's MinHash signatures."""
 
     doc_id: str
+    position: int
     text: str
     sentences: list[str]
-    metadata: str
     exact: bytes | None
+    metadata: str
 
 
 @dataclass
@@ -112,11 +116,11 @@ class _Batch:
 
 
 class UnitProcessor:
-    """Reads, cleans, filters, splits and hashes the documents of one work unit.
+    """Reads, cleans, filters, decontaminates, splits and hashes the documents of one work unit.
 
-    Per-document work (cleaning, rules, sentences) runs document by document; MinHash and LSH band keys run in
-    numpy over batches of `BATCH` passed documents, which is where the per-document Python overhead would cost
-    most.
+    Per-document work (cleaning, rules, sentences) runs document by document; the eval n-gram lookup, MinHash and
+    LSH band keys run in numpy over batches of `BATCH` passed documents, which is where the per-document Python
+    overhead would cost most.
     """
 
     BATCH = 256  # documents per MinHash batch
@@ -128,6 +132,7 @@ class UnitProcessor:
         d = cfg.dedup
         self.hasher = MinHasher(d.num_perm, d.shingle_size, d.seed) if d.near else None
         self.bands, self.rows = lsh_params(d.threshold, d.num_perm)
+        self.decontaminator = load_decontaminator(cfg.decontamination, work_dir)
 
     def __call__(self, index: int, unit: WorkUnit) -> UnitResult:
         counts: Counter[str] = Counter()
@@ -147,8 +152,8 @@ class UnitProcessor:
                 counts["quarantined"] += 1
                 result.quarantine.append({"file": unit.file.path, "position": item.position, "reason": item.reason})
             if len(batch.docs) >= self.BATCH or batch.chars >= self.BATCH_CHARS:
-                self._flush(index, unit, batch, counts, writer, exact, bands)
-        self._flush(index, unit, batch, counts, writer, exact, bands)
+                self._flush(unit, batch, counts, writer, result, exact, bands)
+        self._flush(unit, batch, counts, writer, result, exact, bands)
         writer.close()
         result.rows, result.counts = writer.rows, dict(counts)
         for kind, parts in (("exact", exact), ("bands", bands)):
@@ -176,18 +181,24 @@ class UnitProcessor:
             counts["filtered"] += 1
             counts[f"filtered_{rule}"] += 1
             return
-        exact = exact_key(text) if self.cfg.dedup.exact else None
-        sentences = split_sentences(text, self.cfg.min_sentence_chars)
-        batch.docs.append(_Passed(make_doc_id(unit.file.rel, record.position), text, sentences,
-                                  metadata_json(record.metadata), exact))
+        batch.docs.append(_Passed(make_doc_id(unit.file.rel, record.position), record.position, text,
+                                  *self._derived(text), metadata_json(record.metadata)))
         batch.chars += len(text)
 
-    def _flush(self, index: int, unit: WorkUnit, batch: _Batch, counts: Counter[str], writer: SpillWriter,
+    def _derived(self, text: str) -> tuple[list[str], bytes | None]:
+        """A passed document's sentences and exact-dedup key."""
+        return split_sentences(text, self.cfg.min_sentence_chars), exact_key(text) if self.cfg.dedup.exact else None
+
+    def _flush(self, unit: WorkUnit, batch: _Batch, counts: Counter[str], writer: SpillWriter, result: UnitResult,
                exact: list[np.ndarray], bands: list[np.ndarray]) -> None:
-        """Hash a batch of passed documents and record them: spill rows, exact keys, band keys."""
+        """Decontaminate a batch of passed documents, hash the rest and record them: spill rows, exact keys, band
+        keys."""
+        if self.decontaminator is not None and batch.docs:
+            batch.docs = self._decontaminate(unit, batch.docs, counts, result)
         if not batch.docs:
+            batch.chars = 0
             return
-        refs = doc_ref(index, writer.rows) + np.arange(len(batch.docs), dtype=np.int64)
+        refs = doc_ref(result.index, writer.rows) + np.arange(len(batch.docs), dtype=np.int64)
         sigs = self.hasher.signatures([d.text for d in batch.docs]) if self.hasher is not None else None
         if sigs is not None:
             bands.append(band_records(band_key_matrix(sigs, self.bands, self.rows), refs))
@@ -199,6 +210,49 @@ class UnitProcessor:
                        None if sigs is None else sigs[i].tobytes())
         counts["passed"] += len(batch.docs)
         batch.docs, batch.chars = [], 0
+
+    def _decontaminate(self, unit: WorkUnit, docs: list[_Passed], counts: Counter[str],
+                       result: UnitResult) -> list[_Passed]:
+        """The documents that stay: clean ones, and in passage mode what is left of a matching one if that still
+        passes the rules. Each matching document is counted per task and listed per (task, split)."""
+        kept = []
+        for doc, found in zip(docs, self.decontaminator.scan([d.text for d in docs])):
+            if not found:
+                kept.append(doc)
+                continue
+            try:
+                outcome = self.decontaminator.resolve(doc.text, found)
+                if outcome.text is not None and first_failed_rule(outcome.text, self.rules) is None:
+                    doc.text = outcome.text
+                    doc.sentences, doc.exact = self._derived(outcome.text)
+                else:
+                    outcome.text = None
+            except Exception as err:
+                log.warning("corpus: decontaminating %s failed; it is quarantined", doc.doc_id, exc_info=True)
+                counts["quarantined"] += 1
+                result.quarantine.append({"file": unit.file.path, "position": doc.position,
+                                          "reason": failure_reason("decontamination failed", err)})
+                continue
+            if outcome.text is None:
+                counts["decontaminated"] += 1
+            else:
+                kept.append(doc)
+                counts["decontaminated_edited"] += 1
+                counts["decontaminated_passages"] += outcome.passages
+            self._report(unit, doc, outcome, counts, result)
+        return kept
+
+    def _report(self, unit: WorkUnit, doc: _Passed, outcome: Contamination, counts: Counter[str],
+                result: UnitResult) -> None:
+        sources = self.decontaminator.index.sources
+        for task in sorted({sources[s][0] for s in outcome.ngrams}):
+            counts[f"decontaminated_task_{task}"] += 1
+        for source, ngram in sorted(outcome.ngrams.items()):
+            task, split = sources[source]
+            counts[f"decontaminated_split_{task}/{split}"] += 1
+            result.decontaminated.append({
+                "doc_id": doc.doc_id, "source": unit.file.path, "task": task, "split": split, "ngram": ngram,
+                "action": "document" if outcome.text is None else "passages", "passages": outcome.passages})
 
 
 def failure_reason(what: str, err: BaseException) -> str:

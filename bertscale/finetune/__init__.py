@@ -1,5 +1,6 @@
-"""GLUE and custom-task fine-tuning: task registry and loaders, official metrics, the training loop, and suites
-over tasks x grid x seeds with MLflow logging and Model Registry registration."""
+"""Fine-tuning on GLUE and custom tasks of four kinds (classification, regression, token classification such as
+NER, extractive question answering such as SQuAD): task registry and loaders, official metrics, the training
+loop, and suites over tasks x grid x seeds with MLflow logging and Model Registry registration."""
 
 from bertscale.finetune.metrics import glue_average
 from bertscale.finetune.suite import SuiteResult, TaskSummary, resolve_tokenizer, run_finetune

@@ -1,15 +1,11 @@
-"""Encoding a task for BERT: a tokenizer checked against the checkpoint, `[CLS] A [SEP] B [SEP]` ids with token
-types, length-grouped batches and dynamic padding.
-
-Examples are batched with others of similar length (sorted within shuffled mega-batches), so dynamic padding
-pads little; evaluation runs sorted by length and puts predictions back in row order.
+"""Encoding a sentence(-pair) task for BERT: a tokenizer checked against the checkpoint, `[CLS] A [SEP] B [SEP]`
+ids with token types, and dynamic padding (batches come from `bertscale.finetune.batching`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +16,8 @@ import torch
 from tokenizers import Tokenizer
 
 from bertscale.errors import ConfigError
-from bertscale.finetune.tasks import LoadedSplit, TaskSpec, load_eval, load_train, subset
+from bertscale.finetune.batching import length_grouped_batches  # noqa: F401 - where callers found it before
+from bertscale.finetune.tasks import LoadedSplit
 from bertscale.model.hf import read_config
 from bertscale.tokenizer import load_tokenizer, special_ids
 from bertscale.tokenizer.wordpiece import STATS_FILE
@@ -66,40 +63,6 @@ def encode_split(split: LoadedSplit | "datasets.Dataset", tok: Tokenizer, name: 
     labels = np.asarray(ds["label"]) if "label" in ds.column_names else None
     return Encoded(name or getattr(split, "name", "split"), list(ds["idx"]), [e.ids for e in encodings],
                    [e.type_ids for e in encodings], labels)
-
-
-def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int,
-                           mega: int | None = None) -> list[list[int]]:
-    """Shuffled batches of similar-length examples: shuffle, sort within mega-batches of `mega` batches, split,
-    then shuffle the batch order so that length does not follow a schedule. Every index appears exactly once.
-
-    `mega` defaults to 50 batches, but to at most a quarter of the data (transformers' LengthGroupedSampler rule):
-    sorting a small training set whole would make every batch one length band and cost accuracy.
-    """
-    rng = random.Random(seed)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    if mega is None:
-        mega = max(1, min(50, len(order) // (4 * batch_size)))
-    span = batch_size * mega
-    batches = []
-    for start in range(0, len(order), span):
-        chunk = sorted(order[start : start + span], key=lambda i: lengths[i], reverse=True)
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
-def random_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
-
-
-def eval_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Evaluation order: sorted by length (least padding); predictions are put back in row order."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def collate(data: Encoded, indices: Sequence[int], pad_id: int, regression: bool) -> dict[str, torch.Tensor]:
@@ -164,15 +127,3 @@ def load_checked_tokenizer(tokenizer: str | Path | Tokenizer, model_path: str | 
             raise ConfigError(f"tokenizer {name} and the tokenizer recorded with checkpoint {model_path} give "
                               f"special tokens different ids ({shown}); {hint}")
     return tok
-
-
-def load_task_data(task: TaskSpec, tok: Tokenizer, data_dir: str | Path | None, max_train: int | None,
-                   max_eval: int | None) -> tuple[Encoded, list[Encoded], int]:
-    """The encoded training split, the encoded dev splits, and how many rows were skipped as unreadable."""
-    train_split = load_train(task, data_dir)
-    evals = load_eval(task, data_dir)
-    if not evals:
-        raise ConfigError(f"task {task.name} has no dev split: add one (custom_tasks[].dev) for evaluation")
-    train_enc = encode_split(subset(train_split.dataset, max_train), tok, "train")
-    eval_enc = [encode_split(subset(s.dataset, max_eval), tok, s.name) for s in evals]
-    return train_enc, eval_enc, train_split.skipped + sum(s.skipped for s in evals)

@@ -1,27 +1,35 @@
-"""Evaluation and prediction of a fine-tuned model: task metrics and confusion matrices per dev split, and the
-test-set predictions in GLUE's submission format."""
+"""Evaluation and prediction of a fine-tuned sentence(-pair) model: predictions per split, the evaluation record
+every task kind returns, and the test-set predictions in GLUE's submission format."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer
 from torch import nn
 
-from bertscale.finetune import metrics as M
-from bertscale.finetune.encoding import Encoded, collate, encode_split, eval_batches
+from bertscale.finetune.batching import autocast, eval_batches
+from bertscale.finetune.encoding import Encoded, collate, encode_split
 from bertscale.finetune.tasks import GLUE_TASKS, TaskSpec, load_test
 
 log = logging.getLogger(__name__)
 
 
-def autocast(device: torch.device, precision: str) -> torch.autocast:
-    """bf16 autocast of the matmuls when `precision` is bf16 (weights stay fp32)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+@dataclass
+class Evaluation:
+    """One dev split's evaluation: metrics (fractions; `score` is what best-epoch selection and the registry
+    compare), a confusion matrix for classifiers, the kind's other numbers (the official SQuAD output, entity
+    supports), and its predictions by example id where the kind writes dev predictions."""
+
+    metrics: dict[str, float]
+    confusion: list[list[int]] | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    predictions: dict[str, Any] | None = None
 
 
 @torch.no_grad()
@@ -42,18 +50,6 @@ def predict(model: nn.Module, data: Encoded, pad_id: int, batch_size: int = 64, 
         out[indices] = logits.squeeze(-1).numpy() if regression else logits.argmax(-1).numpy()
     model.train(was_training)
     return out
-
-
-def evaluate_splits(model: nn.Module, task: TaskSpec, splits: Sequence[Encoded], pad_id: int, precision: str,
-             batch_size: int = 64) -> tuple[dict[str, dict[str, float]], dict[str, list[list[int]]]]:
-    """GLUE metrics per eval split, and confusion matrices for classification tasks."""
-    results, confusion = {}, {}
-    for split in splits:
-        preds = predict(model, split, pad_id, batch_size, precision)
-        results[split.name] = M.compute(task.metrics, split.labels, preds)
-        if task.kind == "classification":
-            confusion[split.name] = M.confusion_matrix(split.labels, preds, range(task.num_labels)).tolist()
-    return results, confusion
 
 
 def write_submission(task: TaskSpec, data: Encoded, preds: np.ndarray, out_dir: Path) -> Path:

@@ -99,6 +99,16 @@ class TaskSummary:
         """The task score's median over the chosen point's seeds: what the table reports and the gate compares."""
         return M.median_and_spread([r.score for r in self.runs])[0]
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every metric as {median, spread} per eval split (fractions), the best run's other numbers (the official
+        SQuAD output, entity supports) and its prediction files."""
+        return {"hparams": self.hparams, "seeds": [r.seed for r in self.runs], "best_seed": self.best.seed,
+                "best_epoch": self.best.best_epoch,
+                "metrics": {split: {m: {"median": v[0], "spread": v[1]} for m, v in stats.items()}
+                            for split, stats in self.stats.items()},
+                "details": self.best.details, "dev_predictions": self.best.dev_predictions,
+                "test_predictions": self.best.predictions, "grid": self.grid}
+
 
 @dataclass
 class SuiteResult:
@@ -133,12 +143,14 @@ class SuiteResult:
         return "GLUE average" if self.glue_complete() else f"mean of {n} GLUE task{'s' if n != 1 else ''}"
 
     def table(self) -> str:
-        """Markdown: one row per evaluation, metrics x100 as median ± spread over seeds; failed jobs last."""
+        """Markdown: one row per evaluation, metrics x100 as median ± spread over seeds (per-type and other dotted
+        metrics only in results.json); failed jobs last."""
         lines = ["| task | metrics (median ± spread over seeds, x100) | score | seeds | lr | batch | best epoch |",
                  "|---|---|---|---|---|---|---|"]
         for s in self.tasks.values():
             for split, stats in s.stats.items():
-                shown = ", ".join(f"{m} {v[0] * 100:.1f} ± {v[1] * 100:.1f}" for m, v in stats.items() if m != "score")
+                shown = ", ".join(f"{m} {v[0] * 100:.1f} ± {v[1] * 100:.1f}" for m, v in stats.items()
+                                  if m != "score" and "." not in m)
                 lines.append(f"| {split} | {shown} | {stats['score'][0] * 100:.1f} | {len(s.runs)} | "
                              f"{s.hparams['lr']:g} | {s.hparams['batch_size']} | {s.best.best_epoch} |")
         if not np.isnan(self.glue_average):
@@ -166,6 +178,7 @@ class SuiteResult:
                 "submission_dir": self.submission_dir, "submission_files": self.submission_files,
                 "submission_missing": self.submission_missing, "failures": [f.to_dict() for f in self.failures],
                 "best_models": {t: s.best.model_dir for t, s in self.tasks.items()},
+                "tasks": {t: s.to_dict() for t, s in self.tasks.items()},
                 "mlflow_run_id": self.mlflow_run_id}
 
 
@@ -320,16 +333,17 @@ def expected_submission(summaries: Mapping[str, TaskSummary]) -> list[str]:
 
 
 def collect_submission(summaries: dict[str, TaskSummary], out: Path) -> tuple[Path | None, list[str]]:
-    """Copy each task's best-run test predictions into one folder, named as the GLUE server expects; returns the
-    folder (None when there is nothing to submit) and the file names written."""
-    files = {name: path for s in summaries.values() for name, path in s.best.predictions.items()}
+    """Copy each task's best-run test predictions into one folder, named as the GLUE server expects (`<name>.tsv`;
+    other kinds keep their file's suffix: `.conll`, `.jsonl`, `.json`); returns the folder (None when there is
+    nothing to submit) and the file names written."""
+    files = {f"{name}{Path(path).suffix}": path for s in summaries.values() for name, path in s.best.predictions.items()}
     if not files:
         return None, []
     sub = out / "submission"
     sub.mkdir(parents=True, exist_ok=True)
     for name, path in files.items():
-        shutil.copyfile(path, sub / f"{name}.tsv")
-    return sub, sorted(f"{name}.tsv" for name in files)
+        shutil.copyfile(path, sub / name)
+    return sub, sorted(files)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
-"""Fine-tuning tasks: the GLUE registry, its loaders, and users' own CSV/TSV/JSONL tasks.
+"""Fine-tuning tasks: the GLUE registry, its loaders, and users' own tasks of every kind.
 
-Every loader returns a `datasets.Dataset` with the columns `idx` (str: the row's id for submissions), `text_a`,
-`text_b` (None for single-sentence tasks) and, for labelled splits, `label` (class id, or float for regression).
+Sentence(-pair) tasks (GLUE; users' CSV/TSV/JSONL) load as a `datasets.Dataset` with the columns `idx` (str: the
+row's id for submissions), `text_a`, `text_b` (None for single-sentence tasks) and, for labelled splits, `label`
+(class id, or float for regression). Token classification (CoNLL or JSONL, `bertscale.finetune.conll`) loads as a
+`datasets.Dataset` of `idx`, `tokens` and, labelled, `tags` (tag strings, checked against the task's scheme).
+Question answering loads SQuAD v1.1/v2.0 JSON as a `bertscale.finetune.squad.SquadSet`.
 
 GLUE's TSV files are read the way GLUE's reference processors read them: tab-separated, no quote handling, a
 header skipped where the file has one. Rows a processor would choke on are errors naming the file and line,
@@ -19,6 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from bertscale.errors import ConfigError, InputError
+from bertscale.finetune.conll import TaggedSentence, check_scheme, read_conll, read_token_jsonl
+from bertscale.finetune.squad import SquadSet, load_squad
+from bertscale.finetune.tagging import OUTSIDE, check_tag
 
 if TYPE_CHECKING:
     import datasets
@@ -30,7 +36,7 @@ log = logging.getLogger(__name__)
 # GLUE's sentences are short, but some user files carry long documents in a field.
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
-Kind = Literal["classification", "regression"]
+Kind = Literal["classification", "regression", "token_classification", "question_answering"]
 
 
 @dataclass(frozen=True)
@@ -57,12 +63,36 @@ class Columns:
 
 
 @dataclass(frozen=True)
+class TaggingOptions:
+    """How a token classification task's files are laid out and tagged."""
+
+    scheme: str = "iob2"  # iob1, iob2 or bioes
+    token_column: int = 0  # CoNLL columns
+    tag_column: int = -1
+    tokens_key: str = "tokens"  # JSONL keys
+    tags_key: str = "tags"
+    id_key: str | None = None
+    doc_stride: int | None = None  # sub-words shared by consecutive windows; None = half the window
+
+
+@dataclass(frozen=True)
+class QaOptions:
+    """Windows over long contexts and answer decoding of a question answering task."""
+
+    version: str = "auto"  # 1.1, 2.0, or auto (the file's `version` field)
+    doc_stride: int | None = None  # tokens shared by consecutive windows; None = 128, at most half the room
+    max_query_length: int = 64
+    max_answer_length: int = 30
+    n_best_size: int = 20
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     """One task: its label set, metrics, files and defaults."""
 
     name: str
     kind: Kind
-    labels: tuple[str, ...]  # class names in id order; () for regression
+    labels: tuple[str, ...]  # class (or tag) names in id order; () for regression and question answering
     metrics: tuple[str, ...]
     train: str | None  # file name (GLUE) or path (custom)
     dev: dict[str, str]  # evaluation name -> file, e.g. {"MNLI-m": "dev_matched.tsv", ...}
@@ -71,15 +101,17 @@ class TaskSpec:
     unlabelled: Columns | None = None  # layout of test files
     folder: str | None = None  # GLUE sub-folder
     defaults: Hparams = field(default_factory=Hparams)
-    fmt: Literal["glue", "csv", "tsv", "jsonl"] = "glue"
+    fmt: Literal["glue", "csv", "tsv", "jsonl", "conll", "squad"] = "glue"
     skip_incomplete: bool = False  # MRPC/QQP: GLUE's loaders skip rows with missing fields
     predict_with: str | None = None  # AX: predicted by the MNLI model, never trained
     hub: tuple[str, str] | None = None  # (dataset, config) on the Hugging Face hub
     alt_folders: tuple[str, ...] = ()  # other names GLUE copies use for the sub-folder
+    tagging: TaggingOptions | None = None  # token classification only
+    qa: QaOptions | None = None  # question answering only
 
     @property
     def num_labels(self) -> int:
-        return 1 if self.kind == "regression" else len(self.labels)
+        return {"regression": 1, "question_answering": 2}.get(self.kind, len(self.labels))
 
     @property
     def main_metric(self) -> str:
@@ -134,10 +166,11 @@ DEFAULT_GRID = {"lr": [2e-5, 3e-5, 5e-5], "batch_size": [16, 32]}
 
 @dataclass
 class LoadedSplit:
-    """A loaded split with where it came from and how many rows GLUE's rules skipped."""
+    """A loaded split with where it came from and how many records were skipped (rows GLUE's rules skip; SQuAD
+    questions training leaves out)."""
 
     name: str
-    dataset: "datasets.Dataset"
+    dataset: "datasets.Dataset | SquadSet"
     source: str
     skipped: int = 0
 
@@ -171,6 +204,12 @@ def hparams_for(task: TaskSpec, ft: "FinetuneConfig | None" = None, **overrides:
 
 def custom_task(c: "CustomTaskConfig") -> TaskSpec:
     """A TaskSpec from a `finetune.custom_tasks` entry; the label set defaults to the training labels, sorted."""
+    if c.kind == "token_classification":
+        return _tagging_task(c)
+    if c.kind == "question_answering":
+        options = QaOptions(c.squad_version, c.doc_stride, c.max_query_length, c.max_answer_length, c.n_best_size)
+        return TaskSpec(c.name, "question_answering", (), ("exact", "f1"), c.train, {c.name: c.dev} if c.dev else {},
+                        {c.name: c.test} if c.test else {}, fmt="squad", qa=options)
     fmt = c.format if c.format != "auto" else _format_from_suffix(c.train)
     labels: tuple[str, ...] = ()
     if c.kind == "classification":
@@ -184,6 +223,31 @@ def custom_task(c: "CustomTaskConfig") -> TaskSpec:
     test_cols = replace(cols, label=None)
     return TaskSpec(c.name, c.kind, labels, metrics, c.train, {c.name: c.dev} if c.dev else {},
                     {c.name: c.test} if c.test else {}, cols, test_cols, None, fmt=fmt)
+
+
+def _tagging_task(c: "CustomTaskConfig") -> TaskSpec:
+    """A token classification task: CoNLL unless the file is .jsonl/.json; tags from the config or the training
+    file ('O' first, then sorted)."""
+    fmt = c.format if c.format != "auto" else ("jsonl" if Path(c.train).suffix.lower() in _JSONL_SUFFIXES
+                                               else "conll")
+    options = TaggingOptions(c.tag_scheme, c.token_column, c.tag_column, c.tokens, c.tags, c.index, c.doc_stride)
+    spec = TaskSpec(c.name, "token_classification", (), ("precision", "recall", "f1", "accuracy"), c.train,
+                    {c.name: c.dev} if c.dev else {}, {c.name: c.test} if c.test else {}, fmt=fmt, tagging=options)
+    if c.labels:
+        for tag in c.labels:
+            if check_tag(tag, c.tag_scheme):
+                raise ConfigError(f"custom task {c.name}: labels: {check_tag(tag, c.tag_scheme)}")
+        labels = tuple(c.labels)
+    else:
+        seen = {t for s in _read_tagged(spec, Path(c.train), labelled=True) for t in s.tags or []}
+        labels = (OUTSIDE,) + tuple(sorted(seen - {OUTSIDE}))
+    if len(labels) < 2:
+        raise InputError(f"custom task {c.name}: {c.train} has only the tag(s) {list(labels)}; token "
+                         "classification needs at least one entity tag besides 'O'")
+    return replace(spec, labels=labels)
+
+
+_JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 
 def _format_from_suffix(path: str) -> Literal["csv", "tsv", "jsonl"]:
@@ -260,6 +324,10 @@ def _load(task: TaskSpec, name: str, file: str, data_dir: str | Path | None, lab
     if not path.is_file():
         where = "finetune.glue_dir" if task.fmt == "glue" else f"finetune.custom_tasks[{task.name}]"
         raise InputError(f"{task.name}: {path} does not exist; check {where}")
+    if task.kind == "token_classification":
+        return _load_tagged(task, name, path, labelled)
+    if task.kind == "question_answering":
+        return LoadedSplit(name, load_squad(path), str(path))
     cols = task.labelled if labelled else task.unlabelled
     assert cols is not None, f"{task.name} has no column layout for {'labelled' if labelled else 'test'} files"
     records = _glue_records(path, cols.header) if task.fmt == "glue" else _custom_records(path, task.fmt)
@@ -273,6 +341,42 @@ def _load(task: TaskSpec, name: str, file: str, data_dir: str | Path | None, lab
     import datasets
 
     return LoadedSplit(name, datasets.Dataset.from_dict(rows, features=_features(task, labelled)), str(path), skipped)
+
+
+def _read_tagged(task: TaskSpec, path: Path, labelled: bool) -> list[TaggedSentence]:
+    """A token classification file's sentences, tags checked against the task's scheme."""
+    opt = task.tagging or TaggingOptions()
+    if not path.is_file():
+        raise InputError(f"{task.name}: {path} does not exist; check finetune.custom_tasks[{task.name}]")
+    if task.fmt == "jsonl":
+        sentences = read_token_jsonl(path, opt.tokens_key, opt.tags_key, opt.id_key, labelled)
+    else:
+        sentences = read_conll(path, opt.token_column, opt.tag_column, labelled)
+    seen: dict[str, int] = {}
+    for s in sentences:
+        if s.idx in seen:
+            raise InputError(f"{path}:{s.lineno}: id {s.idx!r} is used again (first at line {seen[s.idx]}); "
+                             "sentence ids must be unique")
+        seen[s.idx] = s.lineno
+    if labelled:
+        check_scheme(sentences, opt.scheme, path)
+    return sentences
+
+
+def _load_tagged(task: TaskSpec, name: str, path: Path, labelled: bool) -> LoadedSplit:
+    import datasets
+
+    sentences = _read_tagged(task, path, labelled)
+    if not sentences:
+        raise InputError(f"{task.name}: {path} has no sentences; an empty split cannot be trained or evaluated")
+    rows: dict[str, list] = {"idx": [s.idx for s in sentences], "tokens": [s.tokens for s in sentences]}
+    if labelled:
+        rows["tags"] = [s.tags for s in sentences]
+        unknown = sorted({t for s in sentences for t in s.tags or []} - set(task.labels)) if task.labels else []
+        if unknown:
+            log.warning("%s: %s has tags the task's label set lacks (%s); the model cannot predict them",
+                        task.name, path, ", ".join(unknown))
+    return LoadedSplit(name, datasets.Dataset.from_dict(rows), str(path))
 
 
 def _features(task: TaskSpec, labelled: bool) -> "datasets.Features":

@@ -1,7 +1,8 @@
 """The fine-tuning loop for one task and one seed: encode, train with evaluation every epoch, keep the best epoch.
+What differs between kinds of task (head, inputs, metrics, prediction files) comes from `bertscale.finetune.kinds`.
 
 Speed on CPU comes from four places, each cheap to reason about: examples are batched with others of similar
-length, so dynamic padding pads little (`bertscale.finetune.encoding`); the model drops padding tokens
+length, so dynamic padding pads little (`bertscale.finetune.batching`); the model drops padding tokens
 internally (`BertConfig.unpad`); matmuls run under bf16 autocast; the optimizer is pretraining's
 (`bertscale.train.optim`: AdamW, torch's fused kernel where available) with pretraining's warmup-then-linear
 schedule. The optimizer step can instead go through a DeepSpeed engine (`zero_stage`), built through the same
@@ -28,21 +29,14 @@ from torch import nn
 
 from bertscale.config import CustomTaskConfig
 from bertscale.errors import ConfigError
-from bertscale.finetune.encoding import (
-    Encoded,
-    collate,
-    length_grouped_batches,
-    load_checked_tokenizer,
-    load_task_data,
-    prepare_tokenizer,
-    random_batches,
-)
-from bertscale.finetune.evaluation import autocast, evaluate_splits, write_predictions
-from bertscale.finetune.tasks import Hparams, TaskSpec, get_task
+from bertscale.finetune.batching import autocast, length_grouped_batches, random_batches
+from bertscale.finetune.encoding import load_checked_tokenizer
+from bertscale.finetune.evaluation import Evaluation
+from bertscale.finetune.kinds import Split, TaskKind, kind_of
+from bertscale.finetune.tasks import Hparams, TaskSpec, get_task, load_eval, load_train
 from bertscale.hardware import resolve_compile, resolve_precision
-from bertscale.model import BertForSequenceClassification
 from bertscale.model.bert import compile_dense_blocks
-from bertscale.model.hf import FINETUNE_FILE, export_hf, load_pretrained
+from bertscale.model.hf import FINETUNE_FILE, export_hf
 from bertscale.model.weights import copy_tokenizer_files
 from bertscale.progress import ProgressBar, logs_above, progress_bar
 from bertscale.tokenizer import special_ids
@@ -84,6 +78,8 @@ class TaskResult:
     skipped_rows: int = 0
     train_seconds: float = 0.0
     tokens_per_second: float = 0.0
+    details: dict[str, dict[str, Any]] = field(default_factory=dict)  # eval split -> the kind's other numbers
+    dev_predictions: dict[str, str] = field(default_factory=dict)  # prediction name -> file (token/span kinds)
 
     @property
     def score(self) -> float:
@@ -106,7 +102,7 @@ class PlainStepper:
         self.opt = build_optimizer(model, optimizer_spec(hp), next(model.parameters()).device)
         self.sched = build_scheduler(self.opt, int(hp.warmup_ratio * total), total, "linear")
 
-    def __call__(self, **batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, **batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.model(**batch)
 
     def step(self, loss: torch.Tensor) -> None:
@@ -145,7 +141,7 @@ class DeepSpeedStepper:
             started.callback(deepspeed_engine.destroy, self.engine)
             self._teardown = started.pop_all()
 
-    def __call__(self, **batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, **batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.engine(**batch)
 
     def step(self, loss: torch.Tensor) -> None:
@@ -174,11 +170,15 @@ class LoopState:
     history: list[EpochRecord] = field(default_factory=list)
     best_state: dict[str, torch.Tensor] | None = None
     best_epoch: int = 0
-    confusion: dict[str, list[list[int]]] = field(default_factory=dict)
+    best_evals: dict[str, Evaluation] = field(default_factory=dict)
+
+    @property
+    def confusion(self) -> dict[str, list[list[int]]]:
+        return {k: e.confusion for k, e in self.best_evals.items() if e.confusion is not None}
 
 
 def _train_epoch(model: nn.Module, stepper: PlainStepper | DeepSpeedStepper, batches: list[list[int]],
-                 data: Encoded, pad_id: int, regression: bool, precision: str, total: int,
+                 make_batch: Callable[[Sequence[int]], dict[str, torch.Tensor]], precision: str, total: int,
                  state: LoopState, bar: ProgressBar, log_every: int = 20) -> float:
     """One pass over `batches` (stopping at `total` steps); returns the mean training loss."""
     device = next(model.parameters()).device
@@ -187,9 +187,9 @@ def _train_epoch(model: nn.Module, stepper: PlainStepper | DeepSpeedStepper, bat
     for indices in batches:
         if state.step >= total:
             break
-        batch = {k: v.to(device) for k, v in collate(data, indices, pad_id, regression).items()}
+        batch = {k: v.to(device) for k, v in make_batch(indices).items()}
         with autocast(device, precision):
-            loss, _ = stepper(**batch)
+            loss = stepper(**batch)[0]
         stepper.step(loss)
         state.step += 1
         state.tokens += int(batch["attention_mask"].sum())
@@ -202,7 +202,7 @@ def _train_epoch(model: nn.Module, stepper: PlainStepper | DeepSpeedStepper, bat
     return float(np.mean(losses)) if losses else float("nan")
 
 
-def train(model: nn.Module, task: TaskSpec, train_data: Encoded, evals: Sequence[Encoded], hp: Hparams, seed: int,
+def train(model: nn.Module, task: TaskSpec, train_data: Split, evals: Sequence[Split], hp: Hparams, seed: int,
           pad_id: int, precision: str = "bf16", group_by_length: bool = True,
           on_epoch: Callable[[EpochRecord], None] | None = None, zero_stage: int | None = None) -> LoopState:
     """Train for hp.epochs (fractions allowed), evaluate after every epoch, keep the best epoch's weights.
@@ -218,12 +218,16 @@ def train(model: nn.Module, task: TaskSpec, train_data: Encoded, evals: Sequence
         stepper.close()
 
 
-def _train_epochs(model: nn.Module, stepper: PlainStepper | DeepSpeedStepper, task: TaskSpec, train_data: Encoded,
-                  evals: Sequence[Encoded], hp: Hparams, seed: int, pad_id: int, precision: str,
+def _train_epochs(model: nn.Module, stepper: PlainStepper | DeepSpeedStepper, task: TaskSpec, train_data: Split,
+                  evals: Sequence[Split], hp: Hparams, seed: int, pad_id: int, precision: str,
                   group_by_length: bool, on_epoch: Callable[[EpochRecord], None] | None, total: int,
                   per_epoch: int) -> LoopState:
     state = LoopState()
-    regression = task.kind == "regression"
+    kind = kind_of(task)
+
+    def make_batch(indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        return kind.collate(task, train_data, indices, pad_id)
+
     # The bar's rate gives the ETA of the training steps; evaluation time between epochs is not in it.
     with progress_bar(total, f"finetune {task.name} seed {seed}", "step") as bar, logs_above(bar):
         for epoch in range(1, math.ceil(total / per_epoch) + 1):
@@ -233,16 +237,17 @@ def _train_epochs(model: nn.Module, stepper: PlainStepper | DeepSpeedStepper, ta
                 batches = random_batches(len(train_data), hp.batch_size, seed + epoch)
             start = time.perf_counter()
             lr = stepper.lr()
-            loss = _train_epoch(model, stepper, batches, train_data, pad_id, regression, precision, total, state, bar)
+            loss = _train_epoch(model, stepper, batches, make_batch, precision, total, state, bar)
             state.seconds += time.perf_counter() - start
-            results, confusion = evaluate_splits(model, task, evals, pad_id, precision)
+            evaluations = {split.name: kind.evaluate(model, task, split, pad_id, precision) for split in evals}
+            results = {name: e.metrics for name, e in evaluations.items()}
             selection = float(np.mean([r["score"] for r in results.values()])) if results else -loss
             record = EpochRecord(epoch, state.step, loss, lr, time.perf_counter() - start, results, selection)
             state.history.append(record)
             log.info("%s seed %d epoch %d: loss %.4f %s", task.name, seed, epoch, loss,
                      {k: round(v["score"], 4) for k, v in results.items()})
             if state.best_state is None or selection > state.history[state.best_epoch - 1].selection:
-                state.best_epoch, state.confusion = epoch, confusion
+                state.best_epoch, state.best_evals = epoch, evaluations
                 state.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             if on_epoch is not None:
                 on_epoch(record)
@@ -261,18 +266,31 @@ def _as_hparams(task: TaskSpec, hparams: Hparams | dict[str, Any] | None) -> Hpa
 
 
 def save_model(model: nn.Module, task: TaskSpec, tokenizer: str | Path | Tokenizer, out_dir: Path,
-               info: dict[str, Any]) -> Path:
-    """An HF-format classifier dir with the tokenizer beside it and the task's label set in bertscale_finetune.json."""
-    export_hf(model, out_dir)
+               info: dict[str, Any], dev: dict[str, Evaluation] | None = None) -> Path:
+    """An HF-format model dir with the tokenizer beside it and the task record (name, kind, labels, what the kind
+    needs to predict, e.g. a QA model's null threshold tuned on `dev`) in bertscale_finetune.json."""
+    kind = kind_of(task)
+    export_hf(model, out_dir, kind.export_labels(task))
     if isinstance(tokenizer, (str, Path)):
         copy_tokenizer_files(tokenizer, out_dir, with_record=True)
     else:
         tokenizer.save(str(out_dir / "tokenizer.json"))
-    pair = task.labelled is not None and task.labelled.text_b is not None
     meta = {"task": task.name, "kind": task.kind, "labels": list(task.labels), "metrics": list(task.metrics),
-            "pair": pair, **info}
+            **kind.record(task, dev or {}), **info}
     (out_dir / FINETUNE_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     return out_dir
+
+
+def load_task_data(kind: TaskKind, task: TaskSpec, tok: Tokenizer, hp: Hparams, data_dir: str | Path | None,
+                   max_train: int | None, max_eval: int | None) -> tuple[Split, list[Split], int]:
+    """The encoded training split, the encoded dev splits, and how many records were skipped as unreadable."""
+    train_split = load_train(task, data_dir)
+    evals = load_eval(task, data_dir)
+    if not evals:
+        raise ConfigError(f"task {task.name} has no dev split: add one (custom_tasks[].dev) for evaluation")
+    train_data = kind.encode(task, train_split, tok, hp, max_train, train=True)
+    eval_data = [kind.encode(task, s, tok, hp, max_eval, train=False) for s in evals]
+    return train_data, eval_data, train_split.skipped + sum(s.skipped for s in evals)
 
 
 def finetune_task(
@@ -296,19 +314,20 @@ def finetune_task(
     zero_stage: int | None = None,
     allow_pickle: bool = False,
 ) -> TaskResult:
-    """Fine-tune `model_path` (HF-format BERT) on one task with one seed; with `output_dir`, save the best
-    epoch's model there (HF dir + tokenizer) and the test-set predictions under `output_dir/predictions`."""
+    """Fine-tune `model_path` (HF-format BERT) on one task of any kind with one seed; with `output_dir`, save
+    the best epoch's model there (HF dir + tokenizer), the test-set predictions under `output_dir/predictions`
+    and, for token classification and question answering, the best epoch's dev predictions under
+    `output_dir/dev_predictions`."""
     spec = task if isinstance(task, TaskSpec) else get_task(task, custom_tasks)
+    kind = kind_of(spec)
     hp = _as_hparams(spec, hparams)
     tok = load_checked_tokenizer(tokenizer, model_path)
     pad_id = special_ids(tok)["pad"]
-    enc_tok = prepare_tokenizer(tok, hp.max_length)
-    train_data, evals, skipped = load_task_data(spec, enc_tok, data_dir, max_train_examples, max_eval_examples)
+    train_data, evals, skipped = load_task_data(kind, spec, tok, hp, data_dir, max_train_examples, max_eval_examples)
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
-    model, report = load_pretrained(model_path, BertForSequenceClassification, num_labels=spec.num_labels,
-                                    allow_pickle=allow_pickle)
+    model, report = kind.load_model(spec, model_path, allow_pickle)
     log.info("%s: %s", spec.name, report.summary())
     where = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(where)
@@ -321,13 +340,17 @@ def finetune_task(
     result = TaskResult(spec.name, seed, asdict(hp), state.best_epoch, state.history[state.best_epoch - 1].eval,
                         state.history, state.loss_curve, state.confusion, train_examples=len(train_data),
                         skipped_rows=skipped, train_seconds=state.seconds,
-                        tokens_per_second=state.tokens / state.seconds if state.seconds else 0.0)
+                        tokens_per_second=state.tokens / state.seconds if state.seconds else 0.0,
+                        details={k: e.details for k, e in state.best_evals.items() if e.details})
     if output_dir is not None:
         out = Path(output_dir)
         info = {"seed": seed, "hparams": asdict(hp), "best_epoch": state.best_epoch, "metrics": result.metrics,
                 "source_checkpoint": str(model_path)}
-        result.model_dir = str(save_model(model, spec, tokenizer, out / "model", info))
+        result.model_dir = str(save_model(model, spec, tokenizer, out / "model", info, state.best_evals))
+        for split in evals:
+            result.dev_predictions.update(kind.write_dev(spec, split, state.best_evals[split.name],
+                                                         out / "dev_predictions"))
         if predict_test:
-            result.predictions = write_predictions(model, spec, enc_tok, pad_id, data_dir, out / "predictions",
-                                                   precision)
+            result.predictions = kind.write_test(model, spec, tok, hp, pad_id, data_dir, out / "predictions",
+                                                 precision, state.best_evals)
     return result

@@ -1,4 +1,4 @@
-"""BERT for pretraining and sequence classification, in one file.
+"""BERT for pretraining, sequence classification, token classification and question answering, in one file.
 
 Module and parameter names match `transformers`' `BertForPreTraining`, so checkpoints convert by name. Three
 speed tricks over the textbook computation, each switchable and tested against the plain path:
@@ -480,6 +480,73 @@ class BertForSequenceClassification(BertPreTrainedModel):
             else:
                 loss = F.cross_entropy(logits.float(), labels.long())
         return loss, logits
+
+
+class BertForTokenClassification(BertPreTrainedModel):
+    """Every token's hidden state -> dropout -> linear (HF's layout: no pooler). Cross-entropy over labels
+    != -100, so only the positions that carry a label (a word's first sub-word) count."""
+
+    def __init__(self, config: BertConfig, num_labels: int = 2) -> None:
+        super().__init__(config)
+        if num_labels < 2:
+            raise ConfigError(f"num_labels={num_labels}: token classification needs at least 2 tags")
+        self.num_labels = num_labels
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.dropout = Dropout(config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+        self.init_weights()
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        token_type_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+    ) -> tuple[Tensor | None, Tensor]:
+        """(loss, logits [B, T, num_labels]); zeros at padding positions when the batch ran unpadded."""
+        x, padding, _ = self.bert.encode(input_ids, token_type_ids, attention_mask)
+        # The classifier runs on real tokens only; the loss too (padding carries -100 anyway).
+        logits = self.classifier(self.dropout(x))
+        loss = None
+        if labels is not None:
+            flat = padding.unpad(labels) if padding is not None else labels.reshape(-1)
+            loss = _classification_stats(logits.reshape(-1, self.num_labels), flat)[0]
+        return loss, padding.repad(logits) if padding is not None else logits
+
+
+class BertForQuestionAnswering(BertPreTrainedModel):
+    """Span extraction: every token's hidden state -> linear -> (start, end) logits (HF's layout: no pooler, no
+    dropout). The loss is the mean of the start and end cross-entropies, positions clamped to the sequence
+    length and ignored there, as HF computes it."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config)
+        self.num_labels = 2
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.init_weights()
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        token_type_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        start_positions: Tensor | None = None,
+        end_positions: Tensor | None = None,
+    ) -> tuple[Tensor | None, Tensor, Tensor]:
+        """(loss, start_logits [B, T], end_logits [B, T]), logits in fp32."""
+        x, padding, _ = self.bert.encode(input_ids, token_type_ids, attention_mask)
+        logits = self.qa_outputs(x).float()
+        if padding is not None:
+            logits = padding.repad(logits)
+        start_logits, end_logits = logits.unbind(-1)
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            ignored = start_logits.shape[1]
+            start = F.cross_entropy(start_logits, start_positions.clamp(0, ignored), ignore_index=ignored)
+            end = F.cross_entropy(end_logits, end_positions.clamp(0, ignored), ignore_index=ignored)
+            loss = (start + end) / 2
+        return loss, start_logits, end_logits
 
 
 def compile_dense_blocks(model: nn.Module, dynamic: bool = True) -> int:

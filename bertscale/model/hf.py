@@ -4,7 +4,8 @@ Our module names are HF's, so conversion is by name. The export writes `config.j
 exactly as `transformers.BertForPreTraining.save_pretrained` would (the tied decoder weight and bias are left out
 and re-tied on load). The import accepts a directory or a file, safetensors (single or sharded), keys with or
 without the `bert.` prefix (and DDP/DeepSpeed's `module.`), old `LayerNorm.gamma/beta` names, and checkpoints of
-HF's `BertModel`, `BertForMaskedLM`, `BertForPreTraining` and `BertForSequenceClassification`. Parts the
+HF's `BertModel`, `BertForMaskedLM`, `BertForPreTraining`, `BertForSequenceClassification`,
+`BertForTokenClassification` and `BertForQuestionAnswering`. Parts the
 checkpoint lacks (heads, pooler, classifier) keep their fresh initialisation and are reported, and so do heads of
 another shape (a classifier with another number of labels, e.g. RTE started from an MNLI model). A checkpoint that
 is not a BERT with absolute positions (RoBERTa, relative positions) or holds no BERT encoder weights is refused:
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -26,7 +28,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bertscale.errors import BertscaleError, InputError
-from bertscale.model.bert import BertConfig, BertForPreTraining, BertForSequenceClassification, BertModel
+from bertscale.model.bert import (
+    BertConfig,
+    BertForPreTraining,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertModel,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +46,7 @@ TIED_KEYS = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.
              "cls.predictions.decoder.bias": "cls.predictions.bias"}
 _BASE_PREFIXES = ("embeddings.", "encoder.", "pooler.")
 # Task heads: their shape depends on the task (num_labels), so a mismatch means "another task", not "another model".
-_HEAD_PREFIXES = ("classifier.", "cls.")
+_HEAD_PREFIXES = ("classifier.", "cls.", "qa_outputs.")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _SAFETENSORS_NAMES = ("model.safetensors", "model.safetensors.index.json")
 _PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt")
@@ -80,31 +89,53 @@ def is_hf_dir(path: Path) -> bool:
 # Export
 # ----------------------------------------------------------------------------------------------------------------
 _ARCHITECTURES = {BertForPreTraining: "BertForPreTraining", BertModel: "BertModel",
-                  BertForSequenceClassification: "BertForSequenceClassification"}
+                  BertForSequenceClassification: "BertForSequenceClassification",
+                  BertForTokenClassification: "BertForTokenClassification",
+                  BertForQuestionAnswering: "BertForQuestionAnswering"}
+_LABELLED = (BertForSequenceClassification, BertForTokenClassification)
 
 
-def hf_config_dict(model: nn.Module) -> dict:
-    """config.json contents: HF field names, model_type and architectures (execution options dropped)."""
+def hf_config_dict(model: nn.Module, labels: Sequence[str] | None = None) -> dict:
+    """config.json contents: HF field names, model_type and architectures (execution options dropped); a
+    classifier's `id2label`/`label2id` carry `labels` (e.g. a tagger's tag names), else HF's LABEL_i."""
     config: BertConfig = model.config
     data = config.architecture()
     data.update(model_type="bert", architectures=[_ARCHITECTURES.get(type(model), "BertForPreTraining")],
                 tie_word_embeddings=True, dtype="float32")
-    if isinstance(model, BertForSequenceClassification):
+    if isinstance(model, _LABELLED):
+        names = list(labels) if labels else [f"LABEL_{i}" for i in range(model.num_labels)]
+        if len(names) != model.num_labels:
+            raise ValueError(f"{len(names)} label names for a head of {model.num_labels} outputs")
         data["num_labels"] = model.num_labels
-        data["id2label"] = {str(i): f"LABEL_{i}" for i in range(model.num_labels)}
-        data["label2id"] = {f"LABEL_{i}": i for i in range(model.num_labels)}
+        data["id2label"] = {str(i): name for i, name in enumerate(names)}
+        data["label2id"] = {name: i for i, name in enumerate(names)}
+    if isinstance(model, BertForSequenceClassification):
         data["problem_type"] = "regression" if model.num_labels == 1 else "single_label_classification"
     return data
 
 
-def export_hf(model: nn.Module, out_dir: str | Path) -> Path:
-    """Write `config.json` + `model.safetensors` (fp32) that `transformers` loads with `from_pretrained`."""
+def export_hf(model: nn.Module, out_dir: str | Path, labels: Sequence[str] | None = None) -> Path:
+    """Write `config.json` + `model.safetensors` (fp32) that `transformers` loads with `from_pretrained`;
+    `labels` names a classifier's outputs in config.json (id2label)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items() if k not in TIED_KEYS}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config_dict(model), indent=2, sort_keys=True) + "\n")
+    (out / "config.json").write_text(json.dumps(hf_config_dict(model, labels), indent=2, sort_keys=True) + "\n")
     return out
+
+
+def label_names(hf_config: dict) -> list[str] | None:
+    """A checkpoint's output names in id order from config.json's id2label; None when there are none or they
+    are HF's placeholders (LABEL_0, LABEL_1, ...), which say nothing about what the outputs mean."""
+    id2label = hf_config.get("id2label") or {}
+    try:
+        names = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    except (TypeError, ValueError):
+        return None
+    if not names or all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+        return None
+    return names
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -212,7 +243,7 @@ def _build_model(model_cls: type[M], config: BertConfig | None, hf_config: dict,
         if not hf_config:
             raise InputError(f"no config.json at {path}: pass config=BertConfig(...) to load_pretrained")
         config = BertConfig.from_dict(hf_config)
-    if model_cls is BertForSequenceClassification and "num_labels" not in kw:
+    if model_cls in _LABELLED and "num_labels" not in kw:
         kw["num_labels"] = hf_config.get("num_labels") or len(hf_config.get("id2label") or {}) or 2
     return model_cls(config, **kw)
 

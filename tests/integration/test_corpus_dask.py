@@ -99,6 +99,29 @@ def test_dask_cluster_writes_the_direct_runners_shards(inputs, direct, tmp_path)
     assert all(got[name] == want[name] for name in want), "Dask and DirectRunner shards differ"
 
 
+def test_dask_workers_read_the_decontamination_index_from_the_work_dir(inputs, shared_data, tmp_path):
+    """The eval n-gram index is built by the launcher and read by each worker from the work directory: a planted
+    QNLI dev sentence is removed and reported on the cluster exactly as by the local runner."""
+    qnli = shared_data / "glue" / "QNLI" / "dev.tsv"
+    sentence = qnli.read_text(encoding="utf-8").splitlines()[7].split("\t")[2]
+    book = (shared_data / "corpus" / "gutenberg" / "gutenberg" / "chesterton-brown.txt").read_text(encoding="utf-8")
+    (tmp_path / "planted").mkdir()
+    (tmp_path / "planted" / "quote.jsonl").write_text(json.dumps({"text": f"{book[5000:8000]} {sentence}"}) + "\n")
+    files = [*inputs, str(tmp_path / "planted")]
+    eval_file = (f"corpus.decontamination.eval_files=[{{task: QNLI, path: {qnli}, format: glue-tsv, "
+                 "text_columns: [1, 2]}]")
+    local = run_corpus(load_config(None, overrides(tmp_path / "direct", eval_file, "corpus.runner.num_workers=2"),
+                                   extra={"corpus": {"inputs": files}}))
+    with local_cluster(tmp_path) as (address, _):
+        result = run_corpus(load_config(None, [*dask_overrides(tmp_path / "work", address), eval_file],
+                                        extra={"corpus": {"inputs": files}}))
+    report = (result.output_dir / "decontamination.jsonl").read_text()
+    assert '"task": "QNLI"' in report and "planted/quote.jsonl" in report
+    assert result.counts["decontaminated"] == local.counts["decontaminated"] >= 1
+    assert report == (local.output_dir / "decontamination.jsonl").read_text()
+    assert shards(result.output_dir) == shards(local.output_dir)
+
+
 def test_a_worker_killed_mid_run_never_leaves_a_complete_looking_output(inputs, direct, tmp_path):
     from distributed import Client
 

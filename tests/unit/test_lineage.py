@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-from bertscale import lineage
+import pytest
+
+from bertscale import lineage, tracking
 from bertscale.config import load_config
 
 
@@ -96,3 +98,41 @@ def test_task_inputs_fingerprint_follows_the_task_files(tmp_path):
     (glue / "diagnostic").mkdir()
     (glue / "diagnostic" / "diagnostic.tsv").write_text("index\tsentence1\tsentence2\n")
     assert lineage.task_inputs_fingerprint(load_config(overrides=mnli)) != without_ax
+
+
+def test_an_init_from_alias_is_pinned_to_a_version_and_the_train_fingerprint_follows_it(tmp_path, monkeypatch):
+    # The registry's answer (tracking.alias_version against a real registry: tests/integration/
+    # test_prefect_schedule.py): which version each alias names right now.
+    aliases = {"champion": "1"}
+    monkeypatch.setattr(tracking, "configure", lambda cfg: cfg.tracking_uri())
+    monkeypatch.setattr(tracking, "alias_version", lambda uri: f"models:/enc/{aliases[uri.split('@')[1]]}")
+
+    def cfg(ref: str):
+        return load_config(overrides=[f"workdir={tmp_path}", f"train.init_from={ref}"])
+
+    champion = cfg("models:/enc@champion")
+    # The alias string itself is never a cache key: it would keep reusing what it named back then.
+    with pytest.raises(ValueError, match="alias"):
+        _fps(champion)
+    pinned = lineage.pin_init_from(champion)
+    assert pinned.train.init_from == "models:/enc/1" and champion.train.init_from == "models:/enc@champion"
+    # The alias has not moved: the same key, so the train stage is reused.
+    assert _fps(lineage.pin_init_from(champion)) == _fps(pinned)
+    aliases["champion"] = "2"
+    moved = _fps(lineage.pin_init_from(champion))
+    assert moved[:3] == _fps(pinned)[:3] and all(a != b for a, b in zip(moved[3:], _fps(pinned)[3:]))
+    assert moved == _fps(cfg("models:/enc/2"))
+    # A version or a path is left as it is.
+    for ref in ("models:/enc/1", str(tmp_path)):
+        assert lineage.pin_init_from(cfg(ref)).train.init_from == ref
+
+
+def test_a_local_init_from_is_fingerprinted_by_its_files(tmp_path):
+    weights = tmp_path / "hf"
+    weights.mkdir()
+    (weights / "model.safetensors").write_bytes(b"one")
+    warm = load_config(overrides=[f"train.init_from={weights}"])
+    first = _fps(warm)
+    assert _fps(warm) == first and first[3] != _fps(load_config())[3]
+    (weights / "model.safetensors").write_bytes(b"other weights")
+    assert _fps(warm)[:3] == first[:3] and _fps(warm)[3] != first[3]
