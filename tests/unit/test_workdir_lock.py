@@ -14,8 +14,9 @@ import pytest
 
 from bertscale.workdir_lock import LOCK_FILE, WorkdirBusy, hold
 
-# fork: the child starts in milliseconds and needs nothing re-imported.
-_mp = multiprocessing.get_context("fork")
+# spawn, not fork: a test process that has run the suite holds threads (loggers, progress, servers' clients), and
+# a forked child of it can fail on their state.
+_mp = multiprocessing.get_context("spawn")
 
 
 def _hold_until_told(workdir: str, held, release) -> None:
