@@ -354,6 +354,8 @@ class CustomTaskConfig(Section):
         "None = 128 for question answering (at most half a window's context), half the window for tagging.")
     squad_version: Literal["auto", "1.1", "2.0"] = Field(
         "auto", description="question_answering: auto = the file's `version` field (2.0 allows unanswerable).")
+    max_length: int | None = Field(
+        None, ge=8, description="Max tokens per example for this task (QA windows want 384); None = finetune.max_length.")
     max_query_length: int = Field(64, ge=1, description="question_answering: question tokens kept.")
     max_answer_length: int = Field(30, ge=1, description="question_answering: longest answer span, in tokens.")
     n_best_size: int = Field(20, ge=1, description="question_answering: start/end candidates per window.")

@@ -108,6 +108,7 @@ class TaskSpec:
     alt_folders: tuple[str, ...] = ()  # other names GLUE copies use for the sub-folder
     tagging: TaggingOptions | None = None  # token classification only
     qa: QaOptions | None = None  # question answering only
+    max_length: int | None = None  # this task's max tokens per example; None = finetune.max_length
 
     @property
     def num_labels(self) -> int:
@@ -197,13 +198,18 @@ def hparams_for(task: TaskSpec, ft: "FinetuneConfig | None" = None, **overrides:
     values: dict[str, Any] = {}
     if ft is not None:
         values = {k: getattr(ft, k) for k in ("lr", "batch_size", "epochs") if getattr(ft, k) is not None}
-        values.update(warmup_ratio=ft.warmup_ratio, weight_decay=ft.weight_decay, max_length=ft.max_length)
+        values.update(warmup_ratio=ft.warmup_ratio, weight_decay=ft.weight_decay,
+                      max_length=task.max_length or ft.max_length)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return replace(task.defaults, **values)
 
 
 def custom_task(c: "CustomTaskConfig") -> TaskSpec:
     """A TaskSpec from a `finetune.custom_tasks` entry; the label set defaults to the training labels, sorted."""
+    return replace(_custom_task(c), max_length=c.max_length)
+
+
+def _custom_task(c: "CustomTaskConfig") -> TaskSpec:
     if c.kind == "token_classification":
         return _tagging_task(c)
     if c.kind == "question_answering":

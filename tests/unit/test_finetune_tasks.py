@@ -204,3 +204,12 @@ def test_custom_rows_with_extra_fields_name_file_and_line(tmp_path: Path) -> Non
     c = CustomTaskConfig(name="t", train=str(csv_file), text_a="text", labels=["a", "b"])
     with pytest.raises(InputError, match=r"t.csv:2: 3 fields .*quote fields that contain commas"):
         load_train(get_task("t", [c]), None)
+
+
+def test_a_custom_task_can_set_its_own_max_length():
+    own = CustomTaskConfig(name="qa", kind="question_answering", train="t.json", max_length=384)
+    plain = CustomTaskConfig(name="c", train="t.csv", labels=["no", "yes"])
+    ft = FinetuneConfig(max_length=128)
+    assert hparams_for(get_task("qa", [own]), ft).max_length == 384
+    assert hparams_for(get_task("c", [plain]), ft).max_length == 128
+    assert hparams_for(get_task("RTE"), ft).max_length == 128
