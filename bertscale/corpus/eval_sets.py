@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from bertscale.config import EvalFileConfig
 from bertscale.corpus.output import read_bytes
 from bertscale.errors import InputError
+from bertscale.jsonl import json_objects
 
 log = logging.getLogger(__name__)
 csv.field_size_limit(2**31 - 1)  # a CSV field may hold a whole document
@@ -109,16 +110,7 @@ def _columns(content: str, entry: EvalFileConfig, stats: EvalFileStats) -> Itera
 
 def _jsonl(content: str, entry: EvalFileConfig, stats: EvalFileStats) -> Iterator[str]:
     """One JSON object per line; a field may be a string or a list of tokens (joined with spaces)."""
-    for lineno, line in enumerate(content.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{entry.path}:{lineno}: not valid JSON ({err.msg}); JSONL needs one object per "
-                             "line") from None
-        if not isinstance(record, dict):
-            raise InputError(f"{entry.path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+    for _, record in json_objects(content.splitlines(), entry.path):
         fields = [record[c] for c in entry.text_columns if record.get(c) is not None]
         stats.incomplete_rows += len(fields) < len(entry.text_columns)
         for value in fields:

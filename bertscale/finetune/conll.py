@@ -19,6 +19,7 @@ from pathlib import Path
 
 from bertscale.errors import InputError
 from bertscale.finetune.tagging import check_tag
+from bertscale.jsonl import json_objects
 
 DOCSTART = "-DOCSTART-"
 PREDICTED_KEY = "predicted_tags"
@@ -100,15 +101,7 @@ def read_token_jsonl(path: str | Path, tokens_key: str = "tokens", tags_key: str
     path = Path(path)
     out = []
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg}); JSONL needs one object per line")
-            if not isinstance(record, dict):
-                raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        for lineno, record in json_objects(f, path):
             tokens = _string_list(record, tokens_key, path, lineno)
             tags = _string_list(record, tags_key, path, lineno) if labelled else None
             if tags is not None and len(tags) != len(tokens):

@@ -14,7 +14,6 @@ except for MRPC and QQP, whose official loaders skip rows with missing fields; t
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import sys
 from dataclasses import dataclass, field, replace
@@ -25,6 +24,7 @@ from bertscale.errors import ConfigError, InputError
 from bertscale.finetune.conll import TaggedSentence, check_scheme, read_conll, read_token_jsonl
 from bertscale.finetune.squad import SquadSet, load_squad
 from bertscale.finetune.tagging import OUTSIDE, check_tag
+from bertscale.jsonl import json_objects
 
 if TYPE_CHECKING:
     import datasets
@@ -414,16 +414,7 @@ def _custom_records(path: Path, fmt: str):
         raise InputError(f"{path} does not exist")
     with open(path, encoding="utf-8-sig", newline="") as f:
         if fmt == "jsonl":
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg}); JSONL needs one object per line")
-                if not isinstance(record, dict):
-                    raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-                yield lineno, record
+            yield from json_objects(f, path)
             return
         if fmt == "csv":
             reader = csv.DictReader(f, delimiter=",")
