@@ -166,7 +166,8 @@ _MANY_NEWLINES = re.compile(r"\n{3,}")
 
 def normalize_whitespace(text: str) -> str:
     """Collapse runs of spaces/tabs to one space, trim lines, keep at most one blank line (a paragraph break)."""
-    text = _OTHER_BLANKS.sub(" ", text)
+    if "\t" in text or not text.isascii():  # str.isascii is O(1): ASCII text can only hold the tab
+        text = _OTHER_BLANKS.sub(" ", text)
     if "  " in text:
         text = _MULTI_SPACE.sub(" ", text)
     if " \n" in text:

@@ -20,10 +20,12 @@ import numpy as np
 
 
 
-def exact_key(text: str) -> bytes:
+def exact_key(text: str, words: list[str] | None = None) -> bytes:
     """128-bit hash of the lowercased, whitespace-collapsed text: copies differing only in case or spacing
-    collide."""
-    return hashlib.blake2b(" ".join(text.lower().split()).encode("utf-8"), digest_size=16).digest()
+    collide. `words`, when given, must be `text.split()` (the filters' word list, reused to save a split);
+    lowercasing neither makes nor removes whitespace, so lowering after the split gives the same key."""
+    joined = " ".join(text.split() if words is None else words).lower()
+    return hashlib.blake2b(joined.encode("utf-8"), digest_size=16).digest()
 
 
 # A word ends at any byte <= 32: ASCII whitespace, and NUL, which separates documents in a batch. Cleaning removed

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import cached_property
-from itertools import filterfalse
+from itertools import filterfalse, repeat
 from typing import Protocol
 
 from bertscale.config import FilterConfig
@@ -30,37 +29,62 @@ _WORD = re.compile(f"[{_UNSPACED_RANGES}][{_THAI_MARKS}]*|[^\\s{_UNSPACED_RANGES
 
 
 class DocView:
-    """Lazily computed statistics of one cleaned document, shared by all rules."""
+    """Lazily computed statistics of one cleaned document, shared by all rules.
+
+    Plain attributes filled on first use rather than `functools.cached_property`, whose per-access cost (a lock
+    in Python 3.11) showed in profiles: this runs for every document of the corpus.
+    """
 
     def __init__(self, text: str) -> None:
         self.text = text
+        self._unspaced: bool | None = None
+        self._words: list[str] | None = None
+        self._lines: list[str] | None = None
+        self._mean: tuple[float | None] | None = None
 
-    @cached_property
+    @property
     def unspaced(self) -> bool:
         """Whether the text has characters of scripts written without spaces (checked once, in C)."""
-        return not self.text.isascii() and _UNSPACED.search(self.text) is not None
+        if self._unspaced is None:
+            self._unspaced = not self.text.isascii() and _UNSPACED.search(self.text) is not None
+        return self._unspaced
 
-    @cached_property
+    @property
     def words(self) -> list[str]:
-        return _WORD.findall(self.text) if self.unspaced else self.text.split()
+        if self._words is None:
+            self._words = _WORD.findall(self.text) if self.unspaced else self.text.split()
+        return self._words
 
-    @cached_property
+    @property
+    def split_words(self) -> list[str] | None:
+        """`text.split()` if the rules already computed it (a spaced text whose words were needed), else None."""
+        return self._words if self._words is not None and self._unspaced is False else None
+
+    @property
     def lines(self) -> list[str]:
-        return [line for line in self.text.split("\n") if line]
+        if self._lines is None:
+            self._lines = list(filter(None, self.text.split("\n")))
+        return self._lines
 
-    @cached_property
+    @property
     def paragraphs(self) -> list[str]:
-        return [p for p in self.text.split("\n\n") if p]
+        return list(filter(None, self.text.split("\n\n")))
 
-    @cached_property
+    @property
     def mean_word_length(self) -> float | None:
         """Over space-delimited words only; None (the length rules pass) when most words are unspaced-script
         characters, for which the Gopher word-length bounds mean nothing."""
+        if self._mean is None:
+            self._mean = (self._mean_word_length(),)
+        return self._mean[0]
+
+    def _mean_word_length(self) -> float | None:
+        words = self.words
         if not self.unspaced:  # the common case: every word is spaced, so sum the lengths in C
-            return sum(map(len, self.words)) / len(self.words) if self.words else 0.0
-        spaced = [w for w in self.words if not _UNSPACED.match(w)]
-        if not self.words or len(spaced) * 2 < len(self.words):
-            return None if self.words else 0.0
+            return len("".join(words)) / len(words) if words else 0.0
+        spaced = [w for w in words if not _UNSPACED.match(w)]
+        if not words or len(spaced) * 2 < len(words):
+            return None if words else 0.0
         return sum(map(len, spaced)) / len(spaced)
 
 
@@ -118,10 +142,21 @@ class MinAlphaRatio:
     def keep(self, doc: DocView) -> bool:
         if not doc.words:
             return False
-        # str.isalpha settles most words in C (filterfalse skips them without a Python-level step); only words
-        # with digits or punctuation need the regex.
-        non_alpha = sum(1 for w in filterfalse(str.isalpha, doc.words) if not _HAS_LETTER.search(w))
-        return 1 - non_alpha / len(doc.words) >= self.threshold
+        return 1 - _letterless_words(doc.words) / len(doc.words) >= self.threshold
+
+
+# Punctuation that clings to words ("end.", "(see", "word,"): stripped before str.isalpha so that such words are
+# settled in C too. Stripping non-letters never removes a letter, so a stripped word that is all letters has one.
+_CLINGING = ".,;:!?()[]{}\"'\u201c\u201d\u2018\u2019-\u2013\u2014/"
+
+
+def _letterless_words(words: list[str]) -> int:
+    """How many words contain no letter of any script. str.isalpha (after stripping clinging punctuation) settles
+    almost every word in C through map/filterfalse, and str.isdecimal the numbers (decimal digits are never
+    letters); only the few words left (symbols, mixed) meet the regex."""
+    unsettled = list(filterfalse(str.isalpha, map(str.strip, filterfalse(str.isalpha, words), repeat(_CLINGING))))
+    numbers = sum(map(str.isdecimal, unsettled))
+    return numbers + sum(1 for w in filterfalse(str.isdecimal, unsettled) if not _HAS_LETTER.search(w))
 
 
 @dataclass(frozen=True)
@@ -150,7 +185,7 @@ class MinPunctLineRatio:
     def keep(self, doc: DocView) -> bool:
         if not doc.lines:
             return False
-        ending = sum(1 for line in doc.lines if line.endswith(_TERMINAL_PUNCT))
+        ending = sum(map(str.endswith, doc.lines, repeat(_TERMINAL_PUNCT)))
         return ending / len(doc.lines) >= self.threshold
 
 
@@ -200,7 +235,11 @@ def build_rules(cfg: FilterConfig) -> list[Rule]:
 
 def first_failed_rule(text: str, rules: list[Rule]) -> str | None:
     """The name of the first rule the document fails, or None if it passes all of them."""
-    doc = DocView(text)
+    return first_failed(DocView(text), rules)
+
+
+def first_failed(doc: DocView, rules: list[Rule]) -> str | None:
+    """`first_failed_rule` on a view the caller keeps, to reuse what the rules computed (its words)."""
     for rule in rules:
         if not rule.keep(doc):
             return rule.name

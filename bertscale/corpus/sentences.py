@@ -34,58 +34,63 @@ _CLOSE = f"[{re.escape(_CLOSERS)}]*"
 _BOUNDARY = re.compile(rf"(?=[.!?\u2026{_NO_SPACE_TERMINALS}])"
                        rf"(?:[.!?\u2026]+{_CLOSE}\s+|[{_NO_SPACE_TERMINALS}]+{_CLOSE}\s*)")
 _ACRONYM = re.compile(r"(?:[a-z]\.)+[a-z]")
-_HARD_LINE_END = re.compile(rf"[.!?\u2026:{_NO_SPACE_TERMINALS}]{_CLOSE}$")
-
-
-def _is_boundary(block: str, match: re.Match[str]) -> bool:
-    """Decide whether a punctuation+space match ends a sentence."""
-    end = match.end()
-    if end >= len(block):
-        return False
-    if block[end].islower():
-        return False
-    punct_at = match.start()
-    if block[punct_at] in _NO_SPACE_TERMINALS:
-        # 「はい。」と答えた: a quoted sentence that runs straight on into its own sentence does not end it.
-        return block[end - 1] not in _CLOSERS or block[end] in _OPENERS
-    if block[punct_at] != ".":
-        return True
-    if punct_at + 1 < len(block) and block[punct_at + 1] == ".":
-        return True  # an ellipsis followed by an uppercase start
-    word = block[block.rfind(" ", 0, punct_at) + 1:punct_at].lstrip("\"'(\u201c\u2018[").lower()
-    if not word:
-        return True
-    if word in ABBREVIATIONS:
-        return False
-    # Single-letter initials ("J. Smith") and dotted acronyms ("U.S.A. Today") keep going.
-    return not (len(word) == 1 and word.isalpha()) and not _ACRONYM.fullmatch(word)
+_LINE_END_TERMINALS = frozenset(f".!?\u2026:{_NO_SPACE_TERMINALS}")
 
 
 def split_block(block: str) -> list[str]:
     """Sentences of one block of text without line breaks."""
-    sentences, start = [], 0
-    for match in _BOUNDARY.finditer(block):
-        if _is_boundary(block, match):
-            sentence = block[start:match.end()].strip()
-            if sentence:
-                sentences.append(sentence)
-            start = match.end()
-    tail = block[start:].strip()
-    if tail:
-        sentences.append(tail)
+    sentences: list[str] = []
+    _split_block_into(block, sentences)
     return sentences
 
 
+def _split_block_into(block: str, out: list[str]) -> None:
+    """Append the sentences of `block` to `out`.
+
+    A punctuation+space match ends a sentence unless: it ends the block, or a lowercase letter follows; after CJK
+    or danda punctuation, it closes a quoted sentence that runs straight on into its own sentence (「はい。」と
+    答えた); after a period that is not an ellipsis, the word before it is a known abbreviation, a single-letter
+    initial ("J. Smith") or a dotted acronym ("U.S.A. Today"). The tests are inline in one loop because it runs
+    for every candidate of every document, where a function call per candidate is a measurable share.
+    """
+    start, n = 0, len(block)
+    for match in _BOUNDARY.finditer(block):
+        end = match.end()
+        if end >= n or block[end].islower():
+            continue
+        punct_at = match.start()
+        punct = block[punct_at]
+        if punct in _NO_SPACE_TERMINALS:
+            if block[end - 1] in _CLOSERS and block[end] not in _OPENERS:
+                continue
+        elif punct == "." and not (punct_at + 1 < n and block[punct_at + 1] == "."):
+            word = block[block.rfind(" ", 0, punct_at) + 1:punct_at].lstrip("\"'(\u201c\u2018[").lower()
+            if word and (word in ABBREVIATIONS or (len(word) == 1 and word.isalpha())
+                         or ("." in word and _ACRONYM.fullmatch(word))):
+                continue
+        sentence = block[start:end].strip()
+        if sentence:
+            out.append(sentence)
+        start = end
+    tail = block[start:].strip()
+    if tail:
+        out.append(tail)
+
+
 def _blocks(paragraph: str) -> list[str]:
-    """Re-join hard-wrapped lines; a line ending in terminal punctuation (or a colon) closes its block."""
+    """Re-join hard-wrapped lines; a line ending in terminal punctuation (or a colon), optionally followed by
+    closing quotes or brackets, closes its block."""
+    if "\n" not in paragraph:
+        paragraph = paragraph.strip()
+        return [paragraph] if paragraph else []
     blocks, current = [], []
     for line in paragraph.split("\n"):
         line = line.strip()
         if not line:
             continue
         current.append(line)
-        if _HARD_LINE_END.search(line):
-            blocks.append(" ".join(current))
+        if line.rstrip(_CLOSERS)[-1:] in _LINE_END_TERMINALS:
+            blocks.append(" ".join(current) if len(current) > 1 else line)
             current = []
     if current:
         blocks.append(" ".join(current))
@@ -114,5 +119,8 @@ def sentence_tree(text: str) -> list[list[list[str]]]:
 
 def split_sentences(text: str, min_chars: int = 1) -> list[str]:
     """Split a cleaned document into sentences; paragraphs and sentences keep their order."""
-    sentences = [s for paragraph in sentence_tree(text) for block in paragraph for s in block]
+    sentences: list[str] = []
+    for paragraph in text.split("\n\n"):
+        for block in _blocks(paragraph):
+            _split_block_into(block, sentences)
     return _merge_short(sentences, min_chars)

@@ -34,7 +34,7 @@ from bertscale.corpus.dedup import (
     exact_records,
     lsh_params,
 )
-from bertscale.corpus.filters import build_rules, first_failed_rule
+from bertscale.corpus.filters import DocView, build_rules, first_failed, first_failed_rule
 from bertscale.corpus.output import SpillWriter, join, metadata_json, open_for_read, write_bytes
 from bertscale.corpus.readers import Record, Rejected, WorkUnit, make_doc_id, read_unit
 from bertscale.corpus.sentences import split_sentences
@@ -176,18 +176,20 @@ class UnitProcessor:
     def _document(self, unit: WorkUnit, record: Record, counts: Counter[str], batch: _Batch) -> None:
         # Everything is computed before anything is recorded, so a failure part-way leaves no trace of the document.
         text = clean_text(record.text, self.cfg.normalization, self.cfg.strip_markup)
-        rule = first_failed_rule(text, self.rules)
+        view = DocView(text)
+        rule = first_failed(view, self.rules)
         if rule is not None:
             counts["filtered"] += 1
             counts[f"filtered_{rule}"] += 1
             return
         batch.docs.append(_Passed(make_doc_id(unit.file.rel, record.position), record.position, text,
-                                  *self._derived(text), metadata_json(record.metadata)))
+                                  *self._derived(text, view.split_words), metadata_json(record.metadata)))
         batch.chars += len(text)
 
-    def _derived(self, text: str) -> tuple[list[str], bytes | None]:
-        """A passed document's sentences and exact-dedup key."""
-        return split_sentences(text, self.cfg.min_sentence_chars), exact_key(text) if self.cfg.dedup.exact else None
+    def _derived(self, text: str, words: list[str] | None = None) -> tuple[list[str], bytes | None]:
+        """A passed document's sentences and exact-dedup key (`words`: `text.split()` when already known)."""
+        key = exact_key(text, words) if self.cfg.dedup.exact else None
+        return split_sentences(text, self.cfg.min_sentence_chars), key
 
     def _flush(self, unit: WorkUnit, batch: _Batch, counts: Counter[str], writer: SpillWriter, result: UnitResult,
                exact: list[np.ndarray], bands: list[np.ndarray]) -> None:

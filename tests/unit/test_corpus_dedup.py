@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from bertscale.corpus.dedup import (
     MinHasher,
@@ -27,6 +28,11 @@ def shingles(words: list[str], k: int = 5) -> set[tuple[str, ...]]:
 def test_exact_key_ignores_case_and_spacing_only():
     assert exact_key("Hello  World\n") == exact_key("hello world")
     assert exact_key("hello world") != exact_key("hello world!")
+
+
+@pytest.mark.parametrize("text", ["Hello  World\n", "İstanbul ẞtraße\u00a0x", "a\n\nB c"])
+def test_exact_key_from_the_filters_words_is_the_same_key(text):
+    assert exact_key(text, text.split()) == exact_key(text)
 
 
 def test_minhash_estimates_jaccard_and_is_deterministic():

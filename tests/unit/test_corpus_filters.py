@@ -75,3 +75,25 @@ def test_unspaced_script_characters_count_as_words():
     assert DocView("กรุงเทพ").words == ["ก", "รุ", "ง", "เ", "ท", "พ"]  # marks stay with their consonant
     assert first_failed_rule("東京は首都。" * 4, only(min_words=30)) == "min_words"  # 24 words
     assert first_failed_rule("東京は首都。" * 5, only(min_words=30)) is None  # 30 words
+
+
+@pytest.mark.parametrize("word", ["word", "word,", "(see", "\u201cquoted\u201d", "1990", "1990s", "x2", "\u00bd",
+                                  "\u00b2", "\u2167", "__", "\u2014", "--", "", "a1", "men's", "\u0661\u0662",
+                                  "\u6771\u4eac", "\u00fcber", "\u00a7\u00a7", "3.14", "&", "...", "_a_"])
+def test_letterless_word_count_matches_the_letter_definition(word):
+    # The fast path (isalpha after stripping clinging punctuation, isdecimal for numbers) must count exactly the
+    # words in which the regex finds no letter: "\u00b2" and "\u2167" are not decimal digits, so they count as
+    # letters there, as before.
+    from bertscale.corpus.filters import _HAS_LETTER, _letterless_words
+
+    assert _letterless_words([word]) == (0 if _HAS_LETTER.search(word) else 1)
+
+
+def test_split_words_are_offered_only_when_they_are_str_split():
+    from bertscale.corpus.filters import DocView
+
+    spaced = DocView("Some plain words here.")
+    assert spaced.split_words is None  # not computed yet
+    assert spaced.words == spaced.split_words == "Some plain words here.".split()
+    unspaced = DocView("東京 Tower")
+    assert unspaced.words and unspaced.split_words is None  # _WORD.findall, not str.split
