@@ -19,6 +19,8 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import tempfile
+import zipfile
 from pathlib import Path
 
 from bertscale.config import RunnerConfig
@@ -185,28 +187,44 @@ def dask_address(runner: RunnerConfig) -> str | None:
 
 def ship_code(runner: RunnerConfig) -> None:
     """Make bertscale importable on the Dask workers: a worker whose environment lacks it (or has another
-    version) gets this package's directory uploaded and put on its path by Dask's own `UploadDirectory` plugin.
-    Portable runners ship through `shipping_flags` instead."""
+    version) gets this package as a zip through Dask's own `Client.upload_file`, which puts the zip on the
+    worker's `sys.path` and imports it there (also on workers that join later: it registers a worker plugin).
+    The zip holds the package directory under its own name, so `import bertscale` finds it; Dask's
+    `UploadDirectory` would put the package directory itself on the path, where `import bertscale` does not look,
+    and reaches only workers that a nanny restarts. Portable runners ship through `shipping_flags` instead."""
     address = dask_address(runner)
     if not is_dask(runner) or address is None:
         return
     import bertscale
     from distributed import Client
-    from distributed.diagnostics.plugin import UploadDirectory
 
-    package = Path(bertscale.__file__).resolve().parent
+    def installed_version() -> str | None:  # nested: travels by value to workers that cannot import bertscale
+        try:
+            import bertscale
+        except ImportError:
+            return None
+        return getattr(bertscale, "__version__", "")
+
     with Client(address, timeout="30s") as client:
-        versions = client.run(_bertscale_version)
+        versions = client.run(installed_version)
         stale = {w: v for w, v in versions.items() if v != bertscale.__version__}
         if stale:
             log.info("uploading bertscale %s to %d Dask worker(s) (%s)", bertscale.__version__, len(stale),
                      ", ".join(f"{w}: {v or 'absent'}" for w, v in sorted(stale.items())))
-            client.register_plugin(UploadDirectory(str(package), update_path=True, restart_workers=False))
+            with tempfile.TemporaryDirectory() as tmp:
+                client.upload_file(str(package_zip(Path(tmp))))
 
 
-def _bertscale_version() -> str | None:
-    try:
-        import bertscale
-    except ImportError:
-        return None
-    return getattr(bertscale, "__version__", "")
+def package_zip(directory: Path) -> Path:
+    """This bertscale package as `bertscale-<version>.zip` in `directory`: its source files under `bertscale/`,
+    byte-code caches left out."""
+    import bertscale
+
+    package = Path(bertscale.__file__).resolve().parent
+    target = directory / f"bertscale-{bertscale.__version__}.zip"
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as z:
+        for path in sorted(package.rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
+                z.write(path, Path("bertscale") / path.relative_to(package))
+    return target
+

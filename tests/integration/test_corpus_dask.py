@@ -173,3 +173,78 @@ def test_scheduler_and_workers_on_two_hosts(inputs, direct, tmp_path):
 def _start_worker(host: Host, address: str, name: str, tmp: Path) -> None:
     host.popen([str(BIN / "dask"), "worker", address, "--host", host.address, "--nthreads", "1", "--nworkers", "1",
                 "--no-dashboard", "--name", name], log=tmp / f"{name}.log")
+
+
+# A dask worker (no nanny, so this process is the worker) that cannot import the installed bertscale: its import
+# system finds `bertscale` only in a zip under the worker's own directory, i.e. a copy uploaded to it.
+_WORKER_WITHOUT_BERTSCALE = """
+import importlib.machinery, sys
+
+SCRATCH = sys.argv[3]
+
+
+class UploadedOnly:
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name != "bertscale":
+            return None
+        uploaded = [p for p in sys.path if p.startswith(SCRATCH) and p.endswith(".zip")]
+        spec = importlib.machinery.PathFinder.find_spec(name, uploaded)
+        if spec is None:
+            raise ModuleNotFoundError("No module named 'bertscale' (hidden on this worker)", name=name)
+        return spec
+
+
+sys.meta_path.insert(0, UploadedOnly)
+sys.argv = ["dask-worker", sys.argv[1], "--name", sys.argv[2], "--local-directory", SCRATCH, "--no-nanny",
+            "--nthreads", "1", "--no-dashboard"]
+from distributed.cli.dask_worker import main
+
+main()
+"""
+
+
+def test_workers_without_bertscale_get_this_package_uploaded(inputs, direct, tmp_path):
+    from distributed import Client
+
+    # Defined here, not at module level: the workers cannot import this test module, so these travel by value.
+    def _import_error() -> str | None:
+        try:
+            import bertscale  # noqa: F401
+        except ImportError as err:
+            return type(err).__name__
+        return None
+
+    def _bertscale_file() -> str:
+        import bertscale
+
+        return bertscale.__file__
+
+    script = tmp_path / "worker_without_bertscale.py"
+    script.write_text(_WORKER_WITHOUT_BERTSCALE)
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--no-dashboard"], stdout=open(tmp_path / "scheduler.log", "w"),
+                              stderr=subprocess.STDOUT)]
+    try:
+        for i in range(2):
+            scratch = tmp_path / f"scratch{i}"
+            scratch.mkdir()
+            procs.append(subprocess.Popen([sys.executable, str(script), address, f"bare{i}", str(scratch)],
+                                          cwd=tmp_path, stdout=open(tmp_path / f"bare{i}.log", "w"),
+                                          stderr=subprocess.STDOUT))
+        wait_for_workers(address, 2)
+        with Client(address, timeout="30s") as client:  # the premise: these workers cannot import bertscale
+            assert set(client.run(_import_error).values()) == {"ModuleNotFoundError"}
+        result = run_corpus(load_config(None, dask_overrides(tmp_path / "work", address),
+                                        extra={"corpus": {"inputs": inputs}}))
+        with Client(address, timeout="30s") as client:
+            where = client.run(_bertscale_file)
+    finally:
+        for p in reversed(procs):
+            p.kill()
+            p.wait(timeout=30)
+    assert all(f.startswith(str(tmp_path / "scratch")) and ".zip" in f for f in where.values()), where
+    assert shards(result.output_dir) == shards(direct)
+
