@@ -6,7 +6,8 @@ For every size a corpus is built from the shared Wikipedia extract and Gutenberg
 would collapse under deduplication, so copy k replaces the words of a fixed vocabulary (the source's most
 frequent words) through the k-th deterministic permutation of that vocabulary: each copy is new text to the
 deduplicator while word frequencies, sentence and document lengths stay those of real text. Copy 0 is the
-source itself.
+source itself. The files are 64 MB (of text) jsonl.gz in BGZF form, so the corpus stage splits each into work
+units of `corpus.bundle_bytes`, as it would a user's bgzipped corpus.
 
 Each stage runs as its own `bertscale` process; its peak resident memory is that of the whole process tree
 (launcher plus Beam workers or data processes, summed, sampled every 0.1 s with psutil). Reported per size and
@@ -18,7 +19,6 @@ peak memory of each stage grows at most 1.5x from the smallest to the largest si
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import re
@@ -38,6 +38,7 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO))
 
 from bench.common import cpu_line  # noqa: E402
+from bertscale.corpus.readers import bgzf_compress  # noqa: E402
 
 WORD = re.compile(r"[a-z]+")
 VOCAB = 20000  # words permuted per copy: covers ~95% of running words in English text
@@ -77,9 +78,29 @@ def permuted(text: str, table: dict[str, str]) -> str:
     return re.sub(r"[A-Za-z]+", swap, text)
 
 
+class _BgzfWriter:
+    """A .jsonl.gz file written as BGZF (what `bgzip` writes; any gzip reader reads it), so that the corpus stage
+    splits it into work units like any large input instead of giving each file to one worker."""
+
+    CHUNK = 0xFF00 * 64
+
+    def __init__(self, path: Path) -> None:
+        self._fh, self._buf = open(path, "wb"), bytearray()
+
+    def write(self, data: bytes) -> None:
+        self._buf += data
+        if len(self._buf) >= self.CHUNK:
+            self._fh.write(bgzf_compress(bytes(self._buf), level=1, eof=False))
+            self._buf.clear()
+
+    def close(self) -> None:
+        self._fh.write(bgzf_compress(bytes(self._buf), level=1, eof=True))
+        self._fh.close()
+
+
 def build_corpus(out: Path, size_gb: float, source: Path) -> float:
-    """jsonl.gz files holding about `size_gb` GB of text; returns the MB written (uncompressed text)."""
-    done = out / "_complete"
+    """BGZF jsonl.gz files holding about `size_gb` GB of text; returns the MB written (uncompressed text)."""
+    done = out / "_complete-bgzf"
     if done.exists():
         return float(done.read_text())
     out.mkdir(parents=True, exist_ok=True)
@@ -93,9 +114,9 @@ def build_corpus(out: Path, size_gb: float, source: Path) -> float:
             if f is None or in_file >= FILE_BYTES:
                 if f is not None:
                     f.close()
-                f, in_file, part = gzip.open(out / f"part-{part:05d}.jsonl.gz", "wt", compresslevel=1), 0, part + 1
+                f, in_file, part = _BgzfWriter(out / f"part-{part:05d}.jsonl.gz"), 0, part + 1
             text = permuted(d, table) if table else d
-            f.write(json.dumps({"text": text}) + "\n")
+            f.write((json.dumps({"text": text}) + "\n").encode())
             n = len(text.encode())
             written, in_file = written + n, in_file + n
             if written >= target:

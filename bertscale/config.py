@@ -169,7 +169,8 @@ class CorpusConfig(Section):
         "invalid bytes are dropped and counted.",
     )
     bundle_bytes: int = Field(
-        4 * 2**20, ge=1024, description="Uncompressed line-based files are split into byte ranges of this size."
+        4 * 2**20, ge=1024, description="Line-based files (uncompressed, BGZF gzip, multi-frame or seekable zstd) "
+        "are split into work units of about this many bytes of text."
     )
     work_dir: str | None = Field(
         None, description="Intermediate files written by the workers (a URI every worker can reach on a cluster, "

@@ -20,6 +20,7 @@ from bertscale.config import CorpusConfig
 from bertscale.corpus.readers import (
     Record,
     Rejected,
+    bgzf_compress,
     expand_inputs,
     make_doc_id,
     doc_sort_key,
@@ -103,7 +104,7 @@ def test_big_parquet_is_split_by_row_groups_with_the_same_records(tmp_path):
 
 @pytest.mark.parametrize("suffix,compress", [
     (".gz", gzip.compress), (".bz2", bz2.compress), (".xz", lzma.compress),
-    (".zst", lambda b: zstandard.ZstdCompressor().compress(b)),
+    (".zst", lambda b: zstandard.ZstdCompressor().compress(b)), (".bgz", lambda b: bgzf_compress(b, block_size=50)),
 ])
 def test_compressed_variants_read_like_plain(tmp_path, suffix, compress):
     (tmp_path / f"wiki_00{suffix}").write_bytes(compress(WIKI.encode()))
