@@ -38,7 +38,7 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO))
 
 from bench.common import cpu_line  # noqa: E402
-from bertscale.corpus.readers import bgzf_compress  # noqa: E402
+from bertscale.corpus.compression import bgzf_compress  # noqa: E402
 
 WORD = re.compile(r"[a-z]+")
 VOCAB = 20000  # words permuted per copy: covers ~95% of running words in English text

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from bertscale.config import load_config
 from bertscale.corpus import run_plain
-from bertscale.corpus.readers import bgzf_compress
+from bertscale.corpus.compression import bgzf_compress
 
 
 def article(i: int) -> str:

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from bertscale.corpus import readers
+from bertscale.corpus import compression, readers
 from bertscale.config import CorpusConfig
+from bertscale.corpus.compression import bgzf_compress
 from bertscale.corpus.readers import (
     Record,
     Rejected,
-    bgzf_compress,
     expand_inputs,
     open_stream,
     plan_units,
@@ -295,8 +295,8 @@ def test_planning_reads_only_headers(tmp_path, monkeypatch, container):
     packed = {"bgzf": lambda: bgzf(text, 0xFF00), "zstd-frames": lambda: zstd_frames(text, 1 << 18),
               "zstd-seekable": lambda: seekable_zstd(text, 1 << 18)}[container]()
     path = write(tmp_path, "big.jsonl" + CONTAINERS[container][0], packed)
-    real_open = readers._open_raw
-    monkeypatch.setattr(readers, "_open_raw", lambda *args, **kw: CountingFile(real_open(*args, **kw)))
+    real_open = compression._open_raw
+    monkeypatch.setattr(compression, "_open_raw", lambda *args, **kw: CountingFile(real_open(*args, **kw)))
     CountingFile.total = 0
     units = plan_units(expand_inputs([str(path)]), CorpusConfig(bundle_bytes=1 << 19))
     assert len(units) >= len(text) // (1 << 19) - 1
@@ -311,7 +311,7 @@ def test_small_compressed_files_are_not_opened(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the planner opened a small compressed file")
 
-    monkeypatch.setattr(readers, "_open_raw", refuse)
+    monkeypatch.setattr(compression, "_open_raw", refuse)
     assert len(plan_units(expand_inputs([str(path)]), CorpusConfig(bundle_bytes=len(path.read_bytes()) * 8))) == 1
 
 

@@ -17,10 +17,10 @@ import pytest
 import zstandard
 
 from bertscale.config import CorpusConfig
+from bertscale.corpus.compression import bgzf_compress
 from bertscale.corpus.readers import (
     Record,
     Rejected,
-    bgzf_compress,
     expand_inputs,
     make_doc_id,
     doc_sort_key,
